@@ -1,0 +1,231 @@
+"""Provider health: exponential backoff after failures, then a few half-open probes."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+logger = logging.getLogger("tier_middleware")
+
+Clock = Callable[[], float]
+Key = tuple[str, str]
+HealthState = Literal["available", "backoff", "probing"]
+
+# A provider's Retry-After is honoured up to an hour, so one bad header cannot park a model for days.
+MAX_RETRY_AFTER = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """How long a failing model is left alone, and how it is let back in.
+
+    Times are seconds. A model is backed off after `failure_threshold` consecutive failures for
+    `initial_backoff * multiplier ** (n - 1)` (n-th backoff), capped at `max_backoff`, each
+    multiplied by a random factor in [1 - jitter, 1 + jitter] (and capped again). When a backoff
+    ends, at most `half_open_probes` requests reach the model until one reports back; a probe that
+    never reports is forgotten after `probe_timeout`.
+    """
+
+    initial_backoff: float = 30.0
+    max_backoff: float = 300.0
+    multiplier: float = 2.0
+    jitter: float = 0.0
+    failure_threshold: int = 1
+    half_open_probes: int = 1
+    probe_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        def bad(reason: str) -> ValueError:
+            return ValueError(f"invalid HealthConfig: {reason}")
+
+        for name in ("initial_backoff", "max_backoff", "probe_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise bad(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.max_backoff < self.initial_backoff:
+            raise bad(
+                f"max_backoff ({self.max_backoff}) must be >= initial_backoff "
+                f"({self.initial_backoff})"
+            )
+        if not math.isfinite(self.multiplier) or self.multiplier < 1:
+            raise bad(f"multiplier must be >= 1, got {self.multiplier!r}")
+        if not math.isfinite(self.jitter) or not 0 <= self.jitter < 1:
+            raise bad(f"jitter must be in [0, 1), got {self.jitter!r}")
+        for name in ("failure_threshold", "half_open_probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelHealth:
+    """A point-in-time view of one model, for status pages and metrics."""
+
+    state: HealthState
+    consecutive_failures: int
+    backoff_remaining: float | None
+    probes_in_flight: int
+
+
+class _State:
+    __slots__ = ("failures", "probes", "until")
+
+    def __init__(self) -> None:
+        self.failures = 0  # consecutive failures
+        self.until = 0.0  # end of the current backoff, on the tracker's clock
+        self.probes: list[float] = []  # start times of half-open probes not yet reported
+
+
+class HealthTracker:
+    """Tracks (provider, model) health in process; unknown pairs are available.
+
+    `clock` returns monotonic seconds (tests inject one and never sleep); `rng` is a
+    `random.Random` used for jitter.
+    """
+
+    def __init__(
+        self,
+        config: HealthConfig | None = None,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config or HealthConfig()
+        self.clock: Clock = clock or time.monotonic
+        self._rng = rng or random.Random()
+        self._states: dict[Key, _State] = {}
+        # Bumped whenever availability changes by an event (not by time passing), so callers
+        # can cache what they derived from it.
+        self.version = 0
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def availability(self, provider: str, model: str) -> tuple[bool, float]:
+        """Whether the model may take a request now, and when that may change without any event
+        (`math.inf` if never)."""
+        state = self._states.get((provider, model))
+        if state is None:
+            return True, math.inf
+        return self._evaluate(state, self.clock())
+
+    def is_available(self, provider: str, model: str) -> bool:
+        return self.availability(provider, model)[0]
+
+    def backoff_remaining(self, provider: str, model: str) -> float | None:
+        """Seconds until the backoff ends; 0.0 once it has ended but the model is still on
+        probation; None for a model that is not backed off."""
+        state = self._states.get((provider, model))
+        if state is None or state.until == 0.0:
+            return None
+        return max(0.0, state.until - self.clock())
+
+    def unavailable(self) -> list[tuple[str, str, int]]:
+        """(provider, model, consecutive failures) of every model that cannot take a request now."""
+        now = self.clock()
+        return [
+            (provider, model, state.failures)
+            for (provider, model), state in self._states.items()
+            if not self._evaluate(state, now)[0]
+        ]
+
+    def status(self, provider: str, model: str) -> ModelHealth:
+        state = self._states.get((provider, model))
+        if state is None:
+            return ModelHealth("available", 0, None, 0)
+        now = self.clock()
+        self._expire_probes(state, now)
+        if now < state.until:
+            return ModelHealth("backoff", state.failures, state.until - now, 0)
+        kind: HealthState = "probing" if state.until else "available"
+        return ModelHealth(kind, state.failures, 0.0 if state.until else None, len(state.probes))
+
+    # -- events ------------------------------------------------------------------------------
+
+    def acquire(self, provider: str, model: str) -> bool:
+        """Claim the model for one request. Always true for a healthy model; for one whose backoff
+        has ended it takes a half-open probe slot, and is false when none is free."""
+        state = self._states.get((provider, model))
+        if state is None or state.until == 0.0:
+            return True
+        now = self.clock()
+        available, _ = self._evaluate(state, now)
+        if not available:
+            return False
+        state.probes.append(now)
+        if len(state.probes) >= self.config.half_open_probes:
+            self.version += 1
+        return True
+
+    def release(self, provider: str, model: str) -> None:
+        """The request told nothing about the model's health (a caller error, a disconnect):
+        give its probe slot back, if it held one."""
+        state = self._states.get((provider, model))
+        if state is not None and state.probes:
+            state.probes.pop(0)
+            self.version += 1
+
+    def record_success(self, provider: str, model: str) -> None:
+        state = self._states.pop((provider, model), None)
+        if state is not None and state.until:
+            self.version += 1
+            logger.info(
+                "model recovered",
+                extra={"provider": provider, "model": model, "previous_failures": state.failures},
+            )
+
+    def record_failure(
+        self, provider: str, model: str, retry_after: float | None = None
+    ) -> float | None:
+        """Count a failure; returns the backoff it started in seconds, or None below the
+        threshold."""
+        key = (provider, model)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = _State()
+        state.failures += 1
+        cfg = self.config
+        n = state.failures - cfg.failure_threshold + 1
+        if n < 1:
+            return None
+        # Cap the exponent so a long outage cannot overflow the float.
+        backoff = cfg.initial_backoff * cfg.multiplier ** min(n - 1, 64)
+        if cfg.jitter:
+            backoff *= 1.0 + cfg.jitter * (2.0 * self._rng.random() - 1.0)
+        backoff = min(backoff, cfg.max_backoff)
+        if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+            backoff = max(backoff, min(retry_after, MAX_RETRY_AFTER))
+        state.until = self.clock() + backoff
+        state.probes.clear()
+        self.version += 1
+        logger.warning(
+            "model backed off",
+            extra={
+                "provider": provider,
+                "model": model,
+                "consecutive_failures": state.failures,
+                "backoff_seconds": round(backoff, 3),
+            },
+        )
+        return backoff
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _expire_probes(self, state: _State, now: float) -> None:
+        if state.probes and now - state.probes[0] >= self.config.probe_timeout:
+            cutoff = now - self.config.probe_timeout
+            state.probes = [t for t in state.probes if t > cutoff]
+
+    def _evaluate(self, state: _State, now: float) -> tuple[bool, float]:
+        if now < state.until:
+            return False, state.until
+        if not state.until:  # failures below the threshold: still in rotation
+            return True, math.inf
+        self._expire_probes(state, now)
+        if len(state.probes) < self.config.half_open_probes:
+            return True, math.inf
+        return False, state.probes[0] + self.config.probe_timeout
