@@ -2,7 +2,9 @@
 
 from ._config import ConfigError, ModelConfig, TierConfig
 from ._health import HealthConfig, HealthTracker, ModelHealth
+from ._middleware import TierRoutingMiddleware, current_selection
 from ._router import NoHealthyModel, RoutingError, Selection, TierRouter, UnknownTier
+from ._routes import RoutePolicy
 
 __all__ = [
     "ConfigError",
@@ -11,9 +13,12 @@ __all__ = [
     "ModelConfig",
     "ModelHealth",
     "NoHealthyModel",
+    "RoutePolicy",
     "RoutingError",
     "Selection",
     "TierConfig",
     "TierRouter",
+    "TierRoutingMiddleware",
     "UnknownTier",
+    "current_selection",
 ]

@@ -222,10 +222,10 @@ def _unwrap(data: Any, source_name: str) -> Any:
         raise ConfigError(
             f"{source_name}: a tier config must be an object, got {type(data).__name__}"
         )
+    if data.get("success") is False and "tiers" not in data:
+        message = data.get("error") or data.get("message") or "no reason given"
+        raise ConfigError(f"{source_name}: the control plane reported failure: {message}")
     if "data" in data and "tiers" not in data:
-        if data.get("success") is False:
-            message = data.get("error") or data.get("message") or "no reason given"
-            raise ConfigError(f"{source_name}: the control plane reported failure: {message}")
         data = data["data"]
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source_name}: 'data' must be an object, got {type(data).__name__}")

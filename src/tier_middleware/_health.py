@@ -193,10 +193,11 @@ class HealthTracker:
         if n < 1:
             return None
         # Cap the exponent so a long outage cannot overflow the float.
-        backoff = cfg.initial_backoff * cfg.multiplier ** min(n - 1, 64)
-        if cfg.jitter:
-            backoff *= 1.0 + cfg.jitter * (2.0 * self._rng.random() - 1.0)
-        backoff = min(backoff, cfg.max_backoff)
+        backoff = min(cfg.initial_backoff * cfg.multiplier ** min(n - 1, 64), cfg.max_backoff)
+        if cfg.jitter:  # after the cap, so capped backoffs are spread out too
+            backoff = min(
+                backoff * (1.0 + cfg.jitter * (2.0 * self._rng.random() - 1.0)), cfg.max_backoff
+            )
         if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
             backoff = max(backoff, min(retry_after, MAX_RETRY_AFTER))
         state.until = self.clock() + backoff

@@ -151,6 +151,8 @@ class TierRouter:
 
     def probabilities(self, tier: str) -> dict[Key, float]:
         """The chance of each model of `tier` being drawn now (0 for those in backoff)."""
+        if tier not in self._ranks:
+            raise UnknownTier(tier, self._config.tier_order)
         pool = self._build(tier)
         weights = {c.key: c.config.effective_weight / pool.total for c in pool.choices}
         return {m.key: weights.get(m.key, 0.0) for m in self._config.models(tier)}
