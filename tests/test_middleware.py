@@ -1,0 +1,548 @@
+"""TierRoutingMiddleware on a raw ASGI harness: the request flow and body-replay edge cases."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+import anyio
+import pytest
+from _clock import FakeClock
+from asgi_harness import Client, Provider, call, http_scope
+
+from tier_middleware import (
+    HealthConfig,
+    HealthTracker,
+    RoutePolicy,
+    TierConfig,
+    TierRoutingMiddleware,
+    current_selection,
+)
+
+pytestmark = pytest.mark.anyio
+
+CONFIG = {
+    "version": "t1",
+    "tiers": {
+        "simple": [
+            {"provider": "openai", "model": "mini", "relative_cost": 1},
+            {"provider": "anthropic", "model": "haiku", "relative_cost": 2},
+        ],
+        "moderate": [{"provider": "openai", "model": "4o", "relative_cost": 4}],
+        "complex": [{"provider": "anthropic", "model": "opus", "relative_cost": 10}],
+    },
+}
+ROUTE = "/v1/chat/completions"
+SIMPLE = {"mini", "haiku"}
+
+
+def make(
+    app: Any = None, *, clock: FakeClock | None = None, **options: Any
+) -> tuple[TierRoutingMiddleware, Provider]:
+    provider = app or Provider()
+    options.setdefault("routes", [ROUTE])
+    health = HealthTracker(HealthConfig(), clock=clock or FakeClock())
+    mw = TierRoutingMiddleware(provider, config=CONFIG, health=health, **options)
+    return mw, provider
+
+
+def chat(**fields: Any) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+# -- reading the tier --------------------------------------------------------------------------
+
+
+async def test_body_tier_is_replaced_by_the_chosen_model() -> None:
+    mw, provider = make()
+    result = await call(mw, chat(tier="simple", temperature=0.5))
+    assert result.status == 200
+    [seen] = provider.calls
+    received = json.loads(seen["body"])
+    assert "tier" not in received
+    assert received["model"] in SIMPLE
+    assert received["messages"] == [{"role": "user", "content": "hi"}]
+    assert received["temperature"] == 0.5
+    assert seen["headers"]["content-length"] == str(len(seen["body"]))
+    assert seen["headers"]["x-tier"] == "simple"
+    assert seen["headers"]["x-tier-model"] == received["model"]
+    assert result.headers["x-tier-model"] == received["model"]
+    assert result.headers["x-tier-attempts"] == "1"
+
+
+async def test_model_prefix_and_mixed_case_header_name() -> None:
+    mw, provider = make()
+    await call(mw, chat(model="tier:Moderate"))
+    await call(
+        mw, chat(), headers=[("Content-Type", "application/json"), ("X-Tier", " COMPLEX ")]
+    )
+    assert [json.loads(c["body"])["model"] for c in provider.calls] == ["4o", "opus"]
+
+
+async def test_sources_that_agree_are_fine_and_disagreeing_ones_are_400() -> None:
+    mw, provider = make()
+    ok = await call(mw, chat(tier="simple", model="tier:SIMPLE"))
+    assert ok.status == 200
+    bad = await call(
+        mw,
+        chat(tier="simple"),
+        headers=[("content-type", "application/json"), ("x-tier", "complex")],
+    )
+    assert bad.status == 400
+    assert bad.json()["error"]["code"] == "conflicting_tier"
+    assert len(provider.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"[1, 2, 3]", "invalid_json"),
+        (b'"a string"', "invalid_json"),
+        (b"\xff\xfe{}", "invalid_json"),
+        (chat(tier=3), "invalid_tier"),
+        (chat(tier=["simple"]), "invalid_tier"),
+        (chat(tier=None), "invalid_tier"),
+        (chat(tier=""), "invalid_tier"),
+        (chat(tier="   "), "invalid_tier"),
+        (chat(tier="x" * 10_000), "invalid_tier"),
+        (chat(tier="gold"), "invalid_tier"),
+        (chat(model="tier:"), "invalid_tier"),
+        (chat(tier="simple", model="tier:complex"), "conflicting_tier"),
+    ],
+)
+async def test_bad_input_gets_a_documented_400_and_never_reaches_the_app(
+    body: bytes, code: str
+) -> None:
+    mw, provider = make()
+    result = await call(mw, body)
+    assert result.status == 400
+    error = result.json()["error"]
+    assert error["code"] == code
+    assert error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+    assert len(error["message"]) < 300  # a 10 KB tier is not echoed back
+    assert result.headers["content-type"] == "application/json"
+    assert provider.calls == []
+
+
+async def test_unknown_tier_lists_the_valid_ones() -> None:
+    mw, _ = make()
+    result = await call(mw, chat(tier="platinum"))
+    assert "simple, moderate, complex" in result.json()["error"]["message"]
+
+
+async def test_header_tier_with_control_characters_or_non_ascii_is_rejected() -> None:
+    mw, provider = make()
+    for value in ("sim\x01ple", "simplé"):
+        result = await call(
+            mw, chat(), headers=[("content-type", "application/json"), ("x-tier", value)]
+        )
+        assert result.json()["error"]["code"] == "invalid_tier"
+    assert provider.calls == []
+
+
+async def test_no_tier_passes_through_untouched_on_an_opted_in_route() -> None:
+    mw, provider = make()
+    body = b'{"model":  "gpt-4o", "messages": []}'
+    result = await call(mw, body)
+    assert result.status == 200
+    assert provider.calls[0]["body"] == body  # byte for byte, spacing included
+    assert "x-tier" not in result.headers
+
+
+async def test_default_required_and_allowed_tiers() -> None:
+    routes = {
+        "/default": RoutePolicy(default_tier="moderate"),
+        "/required": RoutePolicy(require_tier=True),
+        "/cheap": RoutePolicy(allowed_tiers=["simple"]),
+    }
+    mw, provider = make(routes=routes)
+    assert (await call(mw, chat(), path="/default")).headers["x-tier"] == "moderate"
+    required = await call(mw, chat(), path="/required")
+    assert (required.status, required.json()["error"]["code"]) == (400, "tier_required")
+    denied = await call(mw, chat(tier="complex"), path="/cheap")
+    assert (denied.status, denied.json()["error"]["code"]) == (403, "tier_not_allowed")
+    assert (await call(mw, chat(tier="simple"), path="/cheap")).status == 200
+    assert len(provider.calls) == 2
+
+
+def test_route_policies_naming_unknown_tiers_fail_at_startup() -> None:
+    with pytest.raises(ValueError, match="gold"):
+        make(routes={"/x": RoutePolicy(default_tier="gold")})
+    with pytest.raises(ValueError, match="not in allowed_tiers"):
+        RoutePolicy(default_tier="complex", allowed_tiers=["simple"])
+    with pytest.raises(ValueError, match="max_attempts"):
+        RoutePolicy(max_attempts=0)
+
+
+async def test_wildcard_routes_match_one_segment() -> None:
+    mw, provider = make(routes=["/v1/*/chat"])
+    assert (await call(mw, chat(tier="simple"), path="/v1/team-a/chat")).headers["x-tier"]
+    deeper = await call(mw, chat(tier="simple"), path="/v1/a/b/chat")
+    assert "x-tier" not in deeper.headers
+    assert json.loads(provider.calls[1]["body"])["tier"] == "simple"  # untouched
+
+
+async def test_paths_not_opted_in_are_not_buffered() -> None:
+    mw, provider = make()
+    client = Client(chunks=[b'{"tier":', b'"simple"}'])
+    await call(mw, path="/other", client=client)
+    # The app read the body itself, chunk by chunk: nothing was read ahead for it.
+    assert provider.calls[0]["body"] == b'{"tier":"simple"}'
+    assert "x-tier" not in provider.calls[0]["headers"]
+
+
+async def test_routes_none_routes_only_requests_that_carry_a_tier() -> None:
+    mw, provider = make(routes=None)
+    plain = b'{"model": "gpt-4o"}'
+    await call(mw, plain, path="/anything")
+    await call(mw, b"[not json", path="/anything")  # not ours: the app decides
+    await call(mw, chat(tier="simple"), path="/anything")
+    assert provider.calls[0]["body"] == plain
+    assert provider.calls[1]["body"] == b"[not json"
+    assert json.loads(provider.calls[2]["body"])["model"] in SIMPLE
+
+
+async def test_client_cannot_spoof_the_selection_headers() -> None:
+    mw, provider = make()
+    await call(
+        mw,
+        chat(tier="simple"),
+        headers=[
+            ("content-type", "application/json"),
+            ("x-tier-model", "gpt-5-ultra"),
+            ("x-tier-provider", "evil"),
+        ],
+    )
+    headers = provider.calls[0]["scope"]["headers"]
+    models = [v for k, v in headers if k == b"x-tier-model"]
+    assert len(models) == 1
+    assert models[0].decode() in SIMPLE
+
+
+# -- body buffering and replay ------------------------------------------------------------------
+
+
+async def test_body_in_several_chunks_is_reassembled() -> None:
+    mw, provider = make()
+    body = chat(tier="simple", note="x" * 5000)
+    client = Client(chunks=[body[:10], body[10:4000], body[4000:]])
+    result = await call(mw, client=client)
+    assert result.status == 200
+    received = json.loads(provider.calls[0]["body"])
+    assert received["note"] == "x" * 5000
+
+
+async def test_chunked_body_gets_a_single_content_length_and_no_transfer_encoding() -> None:
+    mw, provider = make()
+    headers = [
+        ("content-type", "application/json"),
+        ("transfer-encoding", "chunked"),
+        ("content-length", "999"),
+    ]
+    await call(mw, [chat(tier="simple")], headers=headers)
+    sent = provider.calls[0]["scope"]["headers"]
+    lengths = [v for k, v in sent if k == b"content-length"]
+    assert lengths == [str(len(provider.calls[0]["body"])).encode()]
+    assert not [k for k, _ in sent if k == b"transfer-encoding"]
+
+
+async def test_disconnect_during_the_body_calls_no_app_and_sends_nothing() -> None:
+    mw, provider = make()
+    client = Client(chunks=[b'{"tier": "sim', b'ple"}'], disconnect_during_body=True)
+    result = await call(mw, client=client)
+    assert provider.calls == []
+    assert result.messages == []
+
+
+async def test_body_over_the_cap_is_413_with_or_without_content_length() -> None:
+    mw, provider = make(max_body_bytes=100)
+    big = chat(tier="simple", pad="x" * 200)
+    declared = await call(
+        mw, big, headers=[("content-type", "application/json"), ("content-length", str(len(big)))]
+    )
+    streamed = await call(mw, [big[:60], big[60:]])
+    for result in (declared, streamed):
+        assert result.status == 413
+        assert result.json()["error"]["code"] == "request_too_large"
+    assert provider.calls == []
+
+
+async def test_body_over_the_cap_passes_through_whole_when_not_ours() -> None:
+    mw, provider = make(routes=None, max_body_bytes=100)
+    big = b'{"pad": "' + b"x" * 300 + b'"}'
+    await call(mw, [big[:50], big[50:150], big[150:]], path="/upload")
+    assert provider.calls[0]["body"] == big
+
+
+async def test_receive_after_the_body_waits_for_the_real_disconnect() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await receive())
+        seen.append(await receive())  # like Django and streaming responses: wait for disconnect
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    mw, _ = make(app)
+    client = Client(chunks=[chat(tier="simple")])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: call(mw, client=client))
+        with anyio.fail_after(2):
+            while len(seen) < 1:
+                await anyio.sleep(0)
+        assert len(seen) == 1  # the second receive is blocked on the client, not answered
+        client.disconnect.set()
+    assert [m["type"] for m in seen] == ["http.request", "http.disconnect"]
+    assert seen[0]["more_body"] is False
+
+
+async def test_a_disconnect_is_remembered_for_every_later_receive() -> None:
+    received: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        for _ in range(4):
+            received.append((await receive())["type"])
+        raise RuntimeError("client went away")
+
+    mw, _ = make(app)
+    client = Client(chunks=[chat(tier="simple")], leave_after_body=True)
+    with pytest.raises(RuntimeError):
+        await call(mw, client=client)
+    assert received == ["http.request"] + ["http.disconnect"] * 3
+    assert client.received == 2  # the server was asked once for the disconnect, never again
+    assert mw.health.unavailable() == []  # a client that left is no provider failure
+
+
+async def test_each_attempt_gets_its_own_scope_and_state() -> None:
+    mw, provider = make()
+    provider.status["mini"] = 503
+    provider.status["haiku"] = 503
+    scope = http_scope()
+    scope["state"] = {"outer": 1}
+    await call(mw, chat(tier="simple"), scope=scope)
+    first, second = (c["scope"] for c in provider.calls)
+    assert first is not second
+    assert first["state"] is not second["state"]
+    assert first["state"]["tier_selection"].model != second["state"]["tier_selection"].model
+    assert first["state"]["outer"] == 1
+    assert scope["state"] == {"outer": 1}  # the caller's scope is not touched
+
+
+async def test_non_json_bodies_are_not_rewritten_but_see_the_choice() -> None:
+    mw, provider = make()
+    audio = b"--b\r\ncontent-disposition: form-data; name=file\r\n\r\n\x00\x01\x02\r\n--b--"
+    result = await call(
+        mw,
+        audio,
+        headers=[
+            ("content-type", "multipart/form-data; boundary=b"),
+            ("content-length", str(len(audio))),
+            ("x-tier", "simple"),
+        ],
+    )
+    assert result.status == 200
+    assert provider.calls[0]["body"] == audio
+    assert provider.calls[0]["headers"]["content-length"] == str(len(audio))
+    assert provider.calls[0]["headers"]["x-tier-model"] in SIMPLE
+
+
+async def test_json_the_fast_parser_refuses_still_reaches_the_app_intact() -> None:
+    mw, provider = make()
+    body = b'{"tier": "simple", "n": NaN, "s": "\\ud800"}'
+    await call(mw, body)
+    received = provider.calls[0]["body"]
+    parsed = json.loads(received)
+    assert math.isnan(parsed["n"])
+    assert parsed["s"] == "\ud800"
+    assert "tier" not in parsed
+
+
+# -- outcomes and retries -------------------------------------------------------------------------
+
+
+async def test_failure_is_retried_once_on_another_model_before_any_byte_is_sent() -> None:
+    mw, provider = make()
+    provider.status["mini"] = 503
+    provider.status["haiku"] = 503
+    result = await call(mw, chat(tier="simple"))
+    assert sorted(provider.models) == ["haiku", "mini"]
+    # The client saw exactly one response: the last failure, unchanged, with our headers.
+    assert result.status == 503
+    assert result.json() == {"model": provider.models[-1], "ok": False}
+    assert result.headers["x-tier-attempts"] == "2"
+    assert result.headers["x-tier-model"] == provider.models[-1]
+
+
+async def test_retry_succeeds_and_the_failed_model_is_backed_off() -> None:
+    clock = FakeClock()
+    mw, provider = make(clock=clock, rng=random.Random(1))
+    provider.status["mini"] = 500
+    outcomes = [await call(mw, chat(tier="simple")) for _ in range(10)]
+    assert all(r.status == 200 for r in outcomes)
+    assert all(r.headers["x-tier-model"] == "haiku" for r in outcomes)
+    assert provider.models.count("mini") == 1  # tried once, then left alone
+    assert not mw.health.is_available("openai", "mini")
+
+
+async def test_exception_before_the_response_is_a_failure_and_is_retried() -> None:
+    mw, provider = make()
+    provider.raise_for.add("mini")
+    provider.raise_for.add("haiku")
+    with pytest.raises(RuntimeError):
+        await call(mw, chat(tier="simple"))
+    assert sorted(provider.models) == ["haiku", "mini"]
+    assert {(p, m) for p, m, _ in mw.health.unavailable()} == {
+        ("openai", "mini"),
+        ("anthropic", "haiku"),
+    }
+
+
+async def test_caller_errors_leave_health_unchanged() -> None:
+    mw, provider = make()
+    provider.status["4o"] = 400
+    for _ in range(3):
+        result = await call(mw, chat(tier="moderate"))
+        assert result.status == 400
+        assert result.headers["x-tier-attempts"] == "1"
+    assert provider.models == ["4o", "4o", "4o"]
+    assert mw.health.unavailable() == []
+
+
+async def test_failure_retry_after_lengthens_the_backoff() -> None:
+    clock = FakeClock()
+    mw, provider = make(clock=clock)
+    provider.status["4o"] = 429
+    provider.response_headers = [(b"Retry-After", b"120")]
+    await call(mw, chat(tier="moderate"))
+    remaining = mw.health.backoff_remaining("openai", "4o")
+    assert remaining == pytest.approx(120)
+
+
+async def test_max_attempts_one_disables_retry() -> None:
+    mw, provider = make(routes={ROUTE: RoutePolicy(max_attempts=1)})
+    provider.status["mini"] = provider.status["haiku"] = 502
+    result = await call(mw, chat(tier="simple"))
+    assert len(provider.calls) == 1
+    assert result.status == 502
+
+
+async def test_failure_after_the_response_started_is_recorded_but_not_retried() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        raise ConnectionError("upstream stream broke")
+
+    mw, _ = make(app)
+    client = Client(chunks=[chat(tier="moderate")])
+    with pytest.raises(ConnectionError):
+        await call(mw, client=client)
+    assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]
+    assert not mw.health.is_available("openai", "4o")
+
+
+async def test_cancellation_is_never_swallowed_nor_counted() -> None:
+    started = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        started.set()
+        await anyio.sleep_forever()
+
+    mw, _ = make(app)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, mw, chat(tier="moderate"))
+        await started.wait()
+        tg.cancel_scope.cancel()
+    assert mw.health.unavailable() == []
+
+
+async def test_current_selection_inside_the_app_only() -> None:
+    seen = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        seen.append(current_selection())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    mw, _ = make(app)
+    await call(mw, chat(tier="complex"))
+    assert seen[0] is not None
+    assert (seen[0].provider, seen[0].model, seen[0].tier) == ("anthropic", "opus", "complex")
+    assert current_selection() is None
+
+
+# -- 503 short-circuit ----------------------------------------------------------------------------
+
+
+async def test_no_healthy_model_answers_503_without_calling_the_app() -> None:
+    clock = FakeClock()
+    mw, provider = make(clock=clock)
+    mw.health.record_failure("openai", "4o")  # 30 s backoff
+    clock.advance(12.5)
+    result = await call(mw, chat(tier="moderate"))
+    assert provider.calls == []
+    assert result.status == 503
+    assert result.json() == {
+        "error": {
+            "message": result.json()["error"]["message"],
+            "type": "service_unavailable",
+            "code": "service_unavailable",
+            "param": None,
+        }
+    }
+    assert result.headers["retry-after"] == "18"  # ceil(17.5)
+    assert result.headers["retry-after-ms"] == "17500"
+    assert result.headers["x-tier"] == "moderate"
+
+
+async def test_retry_after_is_clamped_and_configurable() -> None:
+    clock = FakeClock()
+    mw, _ = make(clock=clock)
+    mw.health.record_failure("openai", "4o", retry_after=900)
+    assert (await call(mw, chat(tier="moderate"))).headers["retry-after"] == "60"
+    wide, _ = make(clock=clock, retry_after_bounds=(5, 120))
+    wide.health.record_failure("openai", "4o", retry_after=900)
+    result = await call(wide, chat(tier="moderate"))
+    assert (result.headers["retry-after"], result.headers["retry-after-ms"]) == ("120", "120000")
+
+
+async def test_backed_off_tier_recovers_through_a_half_open_probe() -> None:
+    clock = FakeClock()
+    mw, provider = make(clock=clock)
+    provider.status["4o"] = 503
+    assert (await call(mw, chat(tier="moderate"))).status == 503  # the app's own 503
+    assert (await call(mw, chat(tier="moderate"))).headers["retry-after"] == "30"
+    clock.advance(30)
+    provider.status.clear()
+    assert (await call(mw, chat(tier="moderate"))).status == 200
+    assert mw.health.unavailable() == []
+
+
+# -- pass-through of other scopes -----------------------------------------------------------------
+
+
+async def test_non_http_scopes_pass_straight_through() -> None:
+    seen = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope)
+
+    mw, _ = make(app)
+    for kind in ("websocket", "lifespan"):
+        scope = {"type": kind, "path": ROUTE}
+        await mw(scope, None, None)  # type: ignore[arg-type]
+    assert [s["type"] for s in seen] == ["websocket", "lifespan"]
+
+
+def test_config_can_be_a_tierconfig_or_a_file(tmp_path: Any) -> None:
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps(CONFIG))
+    from_file = TierRoutingMiddleware(Provider(), config=path)
+    from_obj = TierRoutingMiddleware(Provider(), config=TierConfig.load(CONFIG))
+    assert from_file.config == from_obj.config
