@@ -52,7 +52,8 @@ class ModelConfig(BaseModel):
     output_price_per_million: float = Field(
         default=0.0, ge=0, allow_inf_nan=False, validation_alias=_alias("output_price_per_million")
     )
-    weight: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # Bounded so that a tier's total weight cannot overflow to infinity.
+    weight: float | None = Field(default=None, gt=0, le=1e9, allow_inf_nan=False)
 
     @field_validator("provider", "model")
     @classmethod
@@ -236,6 +237,7 @@ _MESSAGES = {
     "missing": "is required",
     "greater_than_equal": "must be >= {ge}",
     "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
     "finite_number": "must be a finite number",
     "int_type": "must be an integer",
     "int_parsing": "must be an integer",

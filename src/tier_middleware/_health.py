@@ -6,7 +6,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +18,7 @@ HealthState = Literal["available", "backoff", "probing"]
 
 # A provider's Retry-After is honoured up to an hour, so one bad header cannot park a model for days.
 MAX_RETRY_AFTER = 3600.0
+PROBE = 2  # what `acquire` returns for a half-open probe
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,14 @@ class HealthTracker:
             if not self._evaluate(state, now)[0]
         ]
 
+    def known(self, provider: str, model: str) -> bool:
+        """Whether any failure of the model is on record (a success then has news to tell)."""
+        return (provider, model) in self._states
+
+    def random(self) -> float:
+        """A draw from the tracker's rng (jitter computed elsewhere stays reproducible)."""
+        return self._rng.random()
+
     def status(self, provider: str, model: str) -> ModelHealth:
         state = self._states.get((provider, model))
         if state is None:
@@ -146,20 +155,21 @@ class HealthTracker:
 
     # -- events ------------------------------------------------------------------------------
 
-    def acquire(self, provider: str, model: str) -> bool:
-        """Claim the model for one request. Always true for a healthy model; for one whose backoff
-        has ended it takes a half-open probe slot, and is false when none is free."""
+    def acquire(self, provider: str, model: str) -> int:
+        """Claim the model for one request: 0 refused, 1 granted, `PROBE` (2) granted as a
+        half-open probe. Always granted for a healthy model; a model whose backoff has ended
+        takes a probe slot, and is refused when none is free."""
         state = self._states.get((provider, model))
         if state is None or state.until == 0.0:
-            return True
+            return 1
         now = self.clock()
         available, _ = self._evaluate(state, now)
         if not available:
-            return False
+            return 0
         state.probes.append(now)
         if len(state.probes) >= self.config.half_open_probes:
             self.version += 1
-        return True
+        return PROBE
 
     def release(self, provider: str, model: str) -> None:
         """The request told nothing about the model's health (a caller error, a disconnect):
@@ -213,6 +223,30 @@ class HealthTracker:
             },
         )
         return backoff
+
+    def merge(
+        self, snapshot: Mapping[Key, tuple[int, float]], offset: float, *, complete: bool
+    ) -> None:
+        """Adopt fleet-wide state: `snapshot` maps keys to (consecutive failures, backoff end or
+        0.0) on a clock that is `offset` seconds behind ours. With `complete`, keys missing from
+        it are forgotten (another instance saw them succeed). Probes in flight are kept."""
+        changed = False
+        now = self.clock()
+        for key, (failures, until) in snapshot.items():
+            local_until = until + offset if until else 0.0
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = _State()
+            before = self._evaluate(state, now)[0]
+            state.failures = failures
+            state.until = local_until
+            changed = changed or before != self._evaluate(state, now)[0]
+        if complete:
+            for key in [k for k in self._states if k not in snapshot]:
+                state = self._states.pop(key)
+                changed = changed or not self._evaluate(state, now)[0]
+        if changed:
+            self.version += 1
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from itertools import accumulate
 
 from ._config import ModelConfig, TierConfig
-from ._health import HealthTracker, Key
+from ._health import PROBE, HealthTracker, Key
+
+ProbeLease = Callable[[str, str], Awaitable[bool]]
 
 
 class RoutingError(Exception):
@@ -70,9 +72,20 @@ class _Pool:
             }
         return self.by_provider.get(provider)
 
-    def without(self, exclude: Collection[Key]) -> _Pool:
-        kept = [c for c in self.choices if (c.provider, c.model) not in exclude]
-        return _Pool(kept, self.version, self.valid_until)
+    def pick(self, rng: random.Random, exclude: Collection[Key]) -> Selection | None:
+        """A weighted draw among the choices not in `exclude` (None if that leaves none).
+
+        Redrawing on an excluded pick samples exactly the renormalised weights, without
+        rebuilding anything; only a pool that is mostly excluded is filtered.
+        """
+        if not exclude:
+            return self.draw(rng)
+        for _ in range(8):
+            chosen = self.draw(rng)
+            if chosen.key not in exclude:
+                return chosen
+        kept = [c for c in self.choices if c.key not in exclude]
+        return _Pool(kept, self.version, self.valid_until).draw(rng) if kept else None
 
     def draw(self, rng: random.Random) -> Selection:
         choices = self.choices
@@ -96,9 +109,12 @@ class TierRouter:
         health: HealthTracker | None = None,
         *,
         rng: random.Random | None = None,
+        probe_lease: ProbeLease | None = None,
     ) -> None:
         self.health = health or HealthTracker()
         self._rng = rng or random.Random()
+        # Asked before a half-open probe goes out; False means another instance is probing.
+        self.probe_lease = probe_lease
         self._pools: dict[str, _Pool] = {}
         self.config = config
 
@@ -112,6 +128,10 @@ class TierRouter:
         self._config = config
         self._ranks = config.ranks
         self._pools = {}
+        self._pinned = {
+            tier: {m.key: Selection(tier, m.provider, m.model, m) for m in models}
+            for tier, models in config.tiers.items()
+        }
 
     async def select(
         self,
@@ -120,7 +140,17 @@ class TierRouter:
         preferred_provider: str | None = None,
         exclude: Collection[Key] = (),
     ) -> Selection:
-        return self.select_now(tier, preferred_provider=preferred_provider, exclude=exclude)
+        for _ in range(3):  # a probe slot or lease can be taken between two draws
+            chosen, granted = self._draw(tier, preferred_provider, exclude)
+            if (
+                granted == PROBE
+                and self.probe_lease is not None
+                and not await self.probe_lease(chosen.provider, chosen.model)
+            ):
+                continue  # another instance probes it; our slot stays taken meanwhile
+            if granted:
+                return chosen
+        raise NoHealthyModel(tier, self._retry_after(tier, exclude))
 
     def select_now(
         self,
@@ -129,25 +159,44 @@ class TierRouter:
         preferred_provider: str | None = None,
         exclude: Collection[Key] = (),
     ) -> Selection:
-        """`select` without the coroutine, for callers that are not async."""
+        """`select` without the coroutine (and without a fleet-wide probe lease)."""
+        for _ in range(3):
+            chosen, granted = self._draw(tier, preferred_provider, exclude)
+            if granted:
+                return chosen
+        raise NoHealthyModel(tier, self._retry_after(tier, exclude))
+
+    async def pin(self, tier: str, provider: str, model: str) -> Selection | None:
+        """The selection of exactly this model when it serves `tier` and may take a request."""
+        chosen = self._pinned.get(tier, {}).get((provider, model))
+        if chosen is None:
+            return None
+        granted = self.health.acquire(provider, model)
+        if granted == PROBE and self.probe_lease is not None:
+            return chosen if await self.probe_lease(provider, model) else None
+        return chosen if granted else None
+
+    def _draw(
+        self, tier: str, preferred_provider: str | None, exclude: Collection[Key]
+    ) -> tuple[Selection, int]:
         if tier not in self._ranks:
             raise UnknownTier(tier, self._config.tier_order)
         health = self.health
-        for _ in range(3):  # a half-open probe slot can be taken between two draws
-            pool = self._pools.get(tier)
-            if pool is None or pool.version != health.version or health.clock() >= pool.valid_until:
-                pool = self._pools[tier] = self._build(tier)
-            if exclude:
-                pool = pool.without(exclude)
-            if not pool.choices:
+        pool = self._pools.get(tier)
+        if pool is None or pool.version != health.version or health.clock() >= pool.valid_until:
+            pool = self._pools[tier] = self._build(tier)
+        if not pool.choices:
+            raise NoHealthyModel(tier, self._retry_after(tier, exclude))
+        chosen = None
+        if preferred_provider is not None:
+            preferred = pool.provider_pool(preferred_provider)
+            if preferred is not None:
+                chosen = preferred.pick(self._rng, exclude)
+        if chosen is None:
+            chosen = pool.pick(self._rng, exclude)
+            if chosen is None:
                 raise NoHealthyModel(tier, self._retry_after(tier, exclude))
-            chosen_pool = pool
-            if preferred_provider is not None:
-                chosen_pool = pool.provider_pool(preferred_provider) or pool
-            chosen = chosen_pool.draw(self._rng)
-            if health.acquire(chosen.provider, chosen.model):
-                return chosen
-        raise NoHealthyModel(tier, self._retry_after(tier, exclude))
+        return chosen, health.acquire(chosen.provider, chosen.model)
 
     def probabilities(self, tier: str) -> dict[Key, float]:
         """The chance of each model of `tier` being drawn now (0 for those in backoff)."""
@@ -170,11 +219,14 @@ class TierRouter:
         return _Pool(healthy, version, valid_until)
 
     def _retry_after(self, tier: str, exclude: Collection[Key]) -> float:
-        remaining = [
-            r
-            for m in self._config.models(tier)
-            if (r := self.health.backoff_remaining(m.provider, m.model)) is not None
-            and m.key not in exclude
-        ]
-        # Only excluded models (or probes in flight) stand in the way: suggest the smallest wait.
-        return min(remaining, default=0.0)
+        """Seconds until a model of the tier (not excluded) may take a request again: the end
+        of a backoff, or of a half-open probe's timeout."""
+        now = self.health.clock()
+        waits = []
+        for m in self._config.models(tier):
+            if m.key in exclude:
+                continue
+            available, change_at = self.health.availability(m.provider, m.model)
+            if not available:
+                waits.append(max(0.0, change_at - now))
+        return min(waits, default=0.0)

@@ -1,0 +1,135 @@
+"""The one small async interface every state backend implements."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import orjson
+
+from .._health import HealthConfig
+
+# (provider, model) -> (consecutive failures, backoff end as wall-clock seconds, 0.0 if none)
+HealthSnapshot = dict[tuple[str, str], tuple[int, float]]
+
+
+class StoreError(Exception):
+    """A backend failed (timeout, connection refused, bad reply); callers fall back in process."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """Where one conversation is pinned. Times are wall-clock seconds (time.time())."""
+
+    provider: str
+    model: str
+    tier: str
+    created_at: float
+    updated_at: float
+
+    def dumps(self) -> bytes:
+        return orjson.dumps(
+            [self.provider, self.model, self.tier, self.created_at, self.updated_at]
+        )
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> SessionRecord | None:
+        """The record, or None for anything that is not one (a corrupt or foreign value)."""
+        try:
+            provider, model, tier, created, updated = orjson.loads(raw)
+            if not all(isinstance(v, str) for v in (provider, model, tier)):
+                return None
+            return cls(provider, model, tier, float(created), float(updated))
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            return None
+
+
+class Store(abc.ABC):
+    """Sessions, the shared config copy, a fleet-wide lock and (optionally) shared health.
+
+    Every method may raise StoreError; none may block longer than the backend's timeout.
+    Keys passed in are already safe (validated session ids, hashed identities).
+    """
+
+    name: str  # "memory" or "redis": the `backend` label of backend error metrics
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_session(self, key: str, ttl: float) -> SessionRecord | None:
+        """Read a session and restart its sliding TTL, in one round trip."""
+
+    @abc.abstractmethod
+    async def put_session(self, key: str, record: SessionRecord, ttl: float) -> None:
+        """Create or replace a session with a TTL of `ttl` seconds."""
+
+    @abc.abstractmethod
+    async def get_session_and_health(
+        self, key: str, ttl: float
+    ) -> tuple[SessionRecord | None, HealthSnapshot]:
+        """`get_session` and `health_snapshot` in one round trip."""
+
+    async def session_count(self) -> int | None:
+        """Number of live sessions, where that is cheap to know; None otherwise."""
+        return None
+
+    # -- the shared config copy ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_config(self) -> tuple[bytes, float] | None:
+        """The last config fetched by any instance (raw JSON) and when (wall clock), if any."""
+
+    @abc.abstractmethod
+    async def put_config(self, raw: bytes, fetched_at: float) -> None:
+        """Store the last-known-good config. It never expires: freshness is `fetched_at`."""
+
+    @abc.abstractmethod
+    async def try_lock(self, name: str, ttl: float) -> str | None:
+        """Take a fleet-wide lock for `ttl` seconds; returns a token, or None if it is held."""
+
+    @abc.abstractmethod
+    async def unlock(self, name: str, token: str) -> None:
+        """Release a lock taken with `token` (a no-op if it expired or was taken over)."""
+
+    # -- shared health --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def health_snapshot(self) -> HealthSnapshot:
+        """Every (provider, model) with failures recorded, fleet-wide."""
+
+    @abc.abstractmethod
+    async def record_failure(
+        self,
+        provider: str,
+        model: str,
+        config: HealthConfig,
+        retry_after: float | None,
+        now: float,
+        jitter_factor: float = 1.0,
+    ) -> tuple[int, float]:
+        """Atomically count a failure and extend the backoff as `HealthTracker` would.
+
+        `now` is wall-clock seconds; returns (consecutive failures, backoff end or 0.0 below the
+        threshold). `jitter_factor` is drawn by the caller in [1 - jitter, 1 + jitter].
+        """
+
+    @abc.abstractmethod
+    async def record_success(self, provider: str, model: str) -> None:
+        """Forget the model's failures (it answered)."""
+
+    @abc.abstractmethod
+    async def try_probe(self, provider: str, model: str, ttl: float) -> bool:
+        """Take the fleet-wide half-open probe lease for the model (SET NX PX semantics)."""
+
+    @abc.abstractmethod
+    async def release_probe(self, provider: str, model: str) -> None:
+        """Give the probe lease back."""
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        """Whether the backend answers now (a cheap health probe)."""
+        return True
+
+    async def aclose(self) -> None:  # noqa: B027  (optional for backends that own nothing)
+        """Release connections."""
