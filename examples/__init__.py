@@ -1,0 +1,1 @@
+"""Runnable examples: Starlette, FastAPI and Django apps behind TierRoutingMiddleware."""

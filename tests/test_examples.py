@@ -1,0 +1,256 @@
+"""The examples, each served by a real uvicorn in a subprocess and called over HTTP.
+
+The servers run with `-W error`, like the test suite, so a deprecation warning raised while
+importing or serving an example fails here too. A server's log is checked for tracebacks when it
+is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tier_middleware import TierConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = {
+    "starlette": "examples.starlette_app:app",
+    "fastapi": "examples.fastapi_app:app",
+    "django": "examples.django_project.asgi:application",
+}
+SCRIPTS = {"starlette": "examples/starlette_app.py", "fastapi": "examples/fastapi_app.py"}
+STARTUP_DEADLINE = 15.0  # seconds; a cold start (first import of Django, FastAPI) is ~1 s
+
+TIERS = TierConfig.load(ROOT / "examples" / "tiers.toml")
+PROVIDER_OF = {(t, m.model): m.provider for t in TIERS.tier_order for m in TIERS.models(t)}
+MODELS = {t: {m.model for m in TIERS.models(t)} for t in TIERS.tier_order}
+MESSAGES = [{"role": "user", "content": "hi there"}]
+
+
+@dataclass
+class Server:
+    url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until_listening(server: Server, port: int) -> None:
+    deadline = time.monotonic() + STARTUP_DEADLINE
+    while True:
+        if server.process.poll() is not None:
+            pytest.fail(f"the server exited with {server.process.returncode}:\n{server.log_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"the server did not listen within {STARTUP_DEADLINE} s:\n{server.log_text()}"
+                )
+            time.sleep(0.02)  # poll interval, not a timing assumption
+
+
+def stop(server: Server) -> bool:
+    """SIGTERM (uvicorn's graceful shutdown); False if the server had to be killed."""
+    process = server.process
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return False
+    return True
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Starts an example; every server started is stopped, and its log checked, at teardown."""
+    servers: list[Server] = []
+
+    def start(example: str, *, script: bool = False) -> Server:
+        port = free_port()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PORT": str(port)}
+        env.pop("DJANGO_SETTINGS_MODULE", None)  # asgi.py sets its own unless one is given
+        if script:
+            argv = [sys.executable, "-W", "error", SCRIPTS[example]]
+        else:
+            argv = [sys.executable, "-W", "error", "-m", "uvicorn", EXAMPLES[example]]
+            argv += ["--host", "127.0.0.1", "--port", str(port)]
+        log = tmp_path / f"{example}-{len(servers)}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        server = Server(f"http://127.0.0.1:{port}", log, process)
+        servers.append(server)
+        wait_until_listening(server, port)
+        return server
+
+    yield start
+
+    stopped = [stop(server) for server in servers]
+    for server, graceful in zip(servers, stopped, strict=True):
+        text = server.log_text()
+        assert graceful, f"the server ignored SIGTERM:\n{text}"
+        # uvicorn re-raises the SIGTERM it handled once the graceful shutdown is done.
+        assert server.process.returncode in (0, -signal.SIGTERM), text
+        assert "Finished server process" in text, text
+        assert "Traceback" not in text, text
+
+
+def client(server: Server) -> httpx.Client:
+    # trust_env=False: an HTTP(S)_PROXY in the environment must not capture loopback calls.
+    return httpx.Client(base_url=server.url, timeout=5.0, trust_env=False)
+
+
+def assert_completion(response: httpx.Response, tier: str, rest: dict[str, Any]) -> None:
+    """A good answer for `tier` to a request whose body, minus the tier, was `rest`."""
+    assert response.status_code == 200, response.text
+    model = response.headers["x-tier-model"]
+    assert model in MODELS[tier]
+    assert response.headers["x-tier"] == tier
+    assert response.headers["x-tier-provider"] == PROVIDER_OF[tier, model]
+    assert response.headers["x-tier-attempts"] == "1"
+    answer = response.json()
+    assert answer["object"] == "chat.completion"
+    assert answer["model"] == model
+    assert answer["choices"][0]["message"]["content"] == f"Hello from {model}! You said: hi there"
+    usage = answer["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    # The endpoint got the client's body with the choice in `model` and no tier field.
+    assert answer["x_fake_provider"]["received"] == {**rest, "model": model}
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_tier_requests_are_routed(start_server: Callable[..., Server], example: str) -> None:
+    server = start_server(example)
+    with client(server) as http:
+        rest: dict[str, Any] = {"messages": MESSAGES, "temperature": 0.5}
+        response = http.post("/v1/chat/completions", json={"tier": "simple", **rest})
+        assert_completion(response, "simple", rest)
+
+        rest = {"messages": MESSAGES}
+        response = http.post("/v1/chat/completions", json=rest, headers={"x-tier": "Moderate"})
+        assert_completion(response, "moderate", rest)
+
+        response = http.post("/v1/chat/completions", json={"model": "tier:complex", **rest})
+        assert_completion(response, "complex", rest)
+
+        response = http.post("/v1/chat/completions", json={"tier": "expert"})
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_tier"
+
+    if example == "django":
+        # Django's handler refuses the lifespan scope; uvicorn's `--lifespan auto` just says so.
+        assert "ASGI 'lifespan' protocol appears unsupported." in server.log_text()
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_failing_model_is_retried_on_the_other_one(
+    start_server: Callable[..., Server], example: str
+) -> None:
+    server = start_server(example)
+    body = {"tier": "simple", "messages": MESSAGES}
+    with client(server) as http:
+        failing = http.post("/admin/fail", json={"model": "gpt-4o-mini", "status": 503})
+        assert failing.json() == {"failing": {"gpt-4o-mini": 503}}
+
+        # The draw is random (equal weights): until gpt-4o-mini is drawn and fails, requests may
+        # go straight to gemini. The chance that 60 requests never draw it is 2**-60.
+        attempts = []
+        for _ in range(60):
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200
+            assert response.headers["x-tier-model"] == "gemini-2.0-flash"
+            assert response.json()["model"] == "gemini-2.0-flash"
+            attempts.append(response.headers["x-tier-attempts"])
+            if attempts[-1] == "2":
+                break
+        assert attempts[-1] == "2"
+        assert set(attempts[:-1]) <= {"1"}
+
+        # gpt-4o-mini is backed off now: nothing is retried any more.
+        for _ in range(3):
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.headers["x-tier-model"] == "gemini-2.0-flash"
+            assert response.headers["x-tier-attempts"] == "1"
+
+        # The other one fails too: its own answer reaches the client, then the middleware's 503.
+        http.post("/admin/fail", json={"model": "gemini-2.0-flash", "status": 502})
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 502
+        assert response.headers["x-tier-model"] == "gemini-2.0-flash"
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "service_unavailable"
+        assert 1 <= int(response.headers["retry-after"]) <= 30
+
+        assert http.post("/admin/recover", json={}).json() == {"failing": {}}
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_stream_reaches_the_client_as_server_sent_events(
+    start_server: Callable[..., Server], example: str
+) -> None:
+    server = start_server(example)
+    body = {
+        "tier": "complex",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": MESSAGES,
+    }
+    with client(server) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        # Streamed, not buffered into one body of known length.
+        assert response.headers.get("transfer-encoding") == "chunked"
+        assert "content-length" not in response.headers
+        model = response.headers["x-tier-model"]
+        assert model in MODELS["complex"]
+        assert response.headers["x-tier-attempts"] == "1"
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 5
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert {c["model"] for c in chunks} == {model}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == f"Hello from {model}! You said: hi there"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == len(text.split())
+
+
+@pytest.mark.parametrize("example", SCRIPTS)
+def test_example_runs_as_a_script(start_server: Callable[..., Server], example: str) -> None:
+    server = start_server(example, script=True)
+    body = {"tier": "simple", "messages": MESSAGES}
+    with client(server) as http:
+        assert_completion(
+            http.post("/v1/chat/completions", json=body), "simple", {"messages": MESSAGES}
+        )
