@@ -36,7 +36,9 @@ class Result:
 
     @property
     def body(self) -> bytes:
-        return b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")
+        return b"".join(
+            m.get("body", b"") for m in self.messages if m["type"] == "http.response.body"
+        )
 
     def json(self) -> Any:
         return json.loads(self.body)

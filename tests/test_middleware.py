@@ -8,10 +8,11 @@ import random
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
+
 from _clock import FakeClock
 from asgi_harness import Client, Provider, call, http_scope
-
 from tier_middleware import (
     HealthConfig,
     HealthTracker,
@@ -75,9 +76,7 @@ async def test_body_tier_is_replaced_by_the_chosen_model() -> None:
 async def test_model_prefix_and_mixed_case_header_name() -> None:
     mw, provider = make()
     await call(mw, chat(model="tier:Moderate"))
-    await call(
-        mw, chat(), headers=[("Content-Type", "application/json"), ("X-Tier", " COMPLEX ")]
-    )
+    await call(mw, chat(), headers=[("Content-Type", "application/json"), ("X-Tier", " COMPLEX ")])
     assert [json.loads(c["body"])["model"] for c in provider.calls] == ["4o", "opus"]
 
 
@@ -293,7 +292,7 @@ async def test_receive_after_the_body_waits_for_the_real_disconnect() -> None:
         tg.start_soon(lambda: call(mw, client=client))
         with anyio.fail_after(2):
             while len(seen) < 1:
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
         assert len(seen) == 1  # the second receive is blocked on the client, not answered
         client.disconnect.set()
     assert [m["type"] for m in seen] == ["http.request", "http.disconnect"]

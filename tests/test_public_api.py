@@ -9,6 +9,7 @@ import tier_middleware
 # Keep this list in plain `sorted()` order (capitals first); add each newly exported name here.
 EXPECTED_PUBLIC_NAMES = [
     "ConfigError",
+    "ControlPlaneSource",
     "HealthConfig",
     "HealthTracker",
     "ModelConfig",
@@ -22,6 +23,8 @@ EXPECTED_PUBLIC_NAMES = [
     "TierRoutingMiddleware",
     "UnknownTier",
     "current_selection",
+    "metrics_app",
+    "status_app",
 ]
 
 

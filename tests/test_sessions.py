@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from _clock import FakeClock
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _clock import FakeClock
 from tier_middleware import HealthTracker, TierConfig, TierRouter
 from tier_middleware._sessions import decide, session_key, valid_session_id
 from tier_middleware._stores.base import SessionRecord
@@ -96,7 +96,8 @@ async def test_session_model_in_backoff_moves_within_the_tier_to_the_same_provid
     for _ in range(20):
         decision = await decide(r, record("openai", "mini", "simple"), "simple", 500.0)
         assert decision.selection.model == "nano"  # same provider, other model
-        assert decision.record is not None and decision.record.model == "nano"
+        assert decision.record is not None
+        assert decision.record.model == "nano"
 
 
 async def test_upgrade_falls_back_to_any_provider_when_the_preferred_one_is_down() -> None:
@@ -109,12 +110,22 @@ async def test_upgrade_falls_back_to_any_provider_when_the_preferred_one_is_down
 async def test_a_session_whose_tier_left_the_config_starts_over() -> None:
     decision = await decide(router(), record("x", "y", "legacy"), "simple", 500.0)
     assert decision.selection.tier == "simple"
-    assert decision.record is not None and decision.record.created_at == 500.0
+    assert decision.record is not None
+    assert decision.record.created_at == 500.0
 
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"a" * 129, b"has space", b"a/b", b"line\nbreak", "caf\u00e9".encode(), b"tab\t", b"x\x00"],
+    [
+        b"",
+        b"a" * 129,
+        b"has space",
+        b"a/b",
+        b"line\nbreak",
+        "caf\u00e9".encode(),
+        b"tab\t",
+        b"x\x00",
+    ],
 )
 def test_bad_session_ids_are_refused(raw: bytes) -> None:
     assert valid_session_id(raw) is None

@@ -202,8 +202,11 @@ class HealthTracker:
         n = state.failures - cfg.failure_threshold + 1
         if n < 1:
             return None
-        # Cap the exponent so a long outage cannot overflow the float.
-        backoff = min(cfg.initial_backoff * cfg.multiplier ** min(n - 1, 64), cfg.max_backoff)
+        try:
+            # The exponent stops at 64 (as in the stores' Lua script) so the float stays finite.
+            backoff = min(cfg.initial_backoff * cfg.multiplier ** min(n - 1, 64), cfg.max_backoff)
+        except OverflowError:  # a long outage with a large multiplier: the cap applies
+            backoff = cfg.max_backoff
         if cfg.jitter:  # after the cap, so capped backoffs are spread out too
             backoff = min(
                 backoff * (1.0 + cfg.jitter * (2.0 * self._rng.random() - 1.0)), cfg.max_backoff

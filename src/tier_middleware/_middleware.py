@@ -1,4 +1,8 @@
-"""TierRoutingMiddleware: read the tier, pick a model, rewrite the call, watch how it went."""
+"""TierRoutingMiddleware: read the tier, pick a model, rewrite the call, watch how it went.
+
+A request flows top to bottom: route match -> tier extraction -> session -> router -> rewrite ->
+app -> outcome (health, retry) -> metrics.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +16,23 @@ from collections.abc import Collection, Mapping
 from contextvars import ContextVar
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from ._body import BodyTooLarge, ClientGone, Payload, parse_object, read_body
-from ._config import TierConfig
+from ._config import ConfigError, TierConfig
 from ._errors import TierError, bad_request, service_unavailable
 from ._extract import agree, body_tiers, header_tier, invalid_tier
 from ._health import HealthConfig, HealthTracker, Key
+from ._metrics import Metrics
 from ._router import NoHealthyModel, Selection, TierRouter
 from ._routes import RoutePolicy, Routes, RouteTable
+from ._sessions import Decision, Identity, decide, default_identity, session_key, valid_session_id
+from ._sources import ConfigManager, ControlPlaneSource
+from ._state import State
+from ._status import register_status_source
+from ._stores import SessionRecord, store_from_url
 from ._types import ASGIApp, Headers, Message, Receive, Scope, Send
+from ._usage import UsageTap
 
 logger = logging.getLogger("tier_middleware")
 
@@ -28,6 +41,9 @@ DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 _OWN_HEADERS = frozenset({b"x-tier", b"x-tier-provider", b"x-tier-model", b"x-tier-attempts"})
 _BODY_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _DISCONNECT: Message = {"type": "http.disconnect"}
+_LIFESPAN_END = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
+
+StaticConfig = TierConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 _current: ContextVar[Selection | None] = ContextVar("tier_selection", default=None)
 
@@ -49,8 +65,17 @@ class TierRoutingMiddleware:
         self,
         app: ASGIApp,
         *,
-        config: TierConfig | Mapping[str, Any] | str | os.PathLike[str],
+        config: StaticConfig | ControlPlaneSource,
         routes: Routes = None,
+        fallback: StaticConfig | None = None,
+        redis_url: str | None = None,
+        redis_options: Mapping[str, Any] | None = None,
+        shared_health: bool = False,
+        health_sync_interval: float = 1.0,
+        session_header: str | None = "x-session-id",
+        session_ttl: float = 3600.0,
+        max_sessions: int = 100_000,
+        identity: Identity | None = None,
         health: HealthConfig | HealthTracker | None = None,
         tier_field: str = "tier",
         tier_header: str = "x-tier",
@@ -58,21 +83,20 @@ class TierRoutingMiddleware:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         failure_statuses: Collection[int] = DEFAULT_FAILURE_STATUSES,
         retry_after_bounds: tuple[int, int] = (1, 60),
+        config_timeout: float = 5.0,
+        registry: CollectorRegistry | None = None,
+        metrics_namespace: str = "llm",
+        name: str = "default",
         rng: random.Random | None = None,
     ) -> None:
         self.app = app
-        self.config = TierConfig.load(config)
-        self.routes = RouteTable(routes)
-        for policy in self.routes.policies():
-            policy.check_against(self.config)
-        tracker = health if isinstance(health, HealthTracker) else HealthTracker(health, rng=rng)
-        self.router = TierRouter(self.config, tracker, rng=rng)
-        self.health = tracker
+        self.name = name
         if not tier_field or not model_field:
             raise ValueError("tier_field and model_field must be non-empty")
         self.tier_field = tier_field
         self.model_field = model_field
         self.tier_header = tier_header.lower().encode("latin-1")
+        self.session_header = session_header.lower().encode("latin-1") if session_header else None
         if max_body_bytes < 1:
             raise ValueError("max_body_bytes must be >= 1")
         self.max_body_bytes = max_body_bytes
@@ -81,18 +105,106 @@ class TierRoutingMiddleware:
         if not 0 <= low <= high:
             raise ValueError("retry_after_bounds must be (low, high) with 0 <= low <= high")
         self.retry_after_bounds = (low, high)
+        if session_ttl <= 0:
+            raise ValueError("session_ttl must be > 0")
+        self.config_timeout = config_timeout
+        self.identity = identity or default_identity
         # Request headers the app must not see from the client: ours are set by the middleware.
         self.request_drop = _OWN_HEADERS | {self.tier_header}
+        self.routes = RouteTable(routes)
+        self.metrics = Metrics.for_registry(registry, metrics_namespace)
+
+        tracker = health if isinstance(health, HealthTracker) else HealthTracker(health, rng=rng)
+        self.health = tracker
+        self._rng = rng
+        store = store_from_url(redis_url, **dict(redis_options or {})) if redis_url else None
+        self.state = State(
+            store,
+            tracker,
+            shared_health=shared_health,
+            session_ttl=session_ttl,
+            max_sessions=max_sessions,
+            sync_interval=health_sync_interval,
+            on_backend_error=self.metrics.backend_error,
+        )
+        self.router: TierRouter | None = None
+        self.configs = ConfigManager(
+            config,
+            fallback=fallback,
+            store=store,
+            on_change=self._adopt,
+            on_refresh=self.metrics.config_refresh,
+        )
+        if self.configs.current is not None:
+            self._adopt(self.configs.current, startup=True)
+        register_status_source(self)
+
+    # -- configuration -----------------------------------------------------------------------------
+
+    def _adopt(self, config: TierConfig, startup: bool = False) -> None:
+        """Route with a new config; health of the models that remain is kept."""
+        for policy in self.routes.policies():
+            try:
+                policy.check_against(config)
+            except ConfigError:
+                if startup:
+                    raise
+                logger.warning(
+                    "route policy names a tier the new config lacks",
+                    extra={"version": config.version},
+                )
+        if self.router is None:
+            lease = self.state.probe_lease if self.state.shared_health else None
+            self.router = TierRouter(config, self.health, rng=self._rng, probe_lease=lease)
+            self.metrics.watch(self.router)
+        else:
+            self.router.config = config
+        self.metrics.config_info(config.version)
+        if not startup:
+            logger.info("tier config adopted", extra={"version": config.version})
+
+    @property
+    def config(self) -> TierConfig | None:
+        """The config in force now (None until a control plane first answered)."""
+        return self.router.config if self.router is not None else None
+
+    @property
+    def config_source_name(self) -> str:
+        return self.configs.source_name
+
+    async def session_count(self) -> int | None:
+        return await self.state.session_count()
+
+    async def aclose(self) -> None:
+        """Close what the middleware opened (HTTP client, Redis pool); lifespan shutdown does it."""
+        await self.configs.aclose()
+        await self.state.aclose()
+
+    # -- ASGI ----------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         policy = self.routes.match(scope["path"])
         if policy is None:
             await self.app(scope, receive, send)
             return
+        self.configs.tick()
         await _Exchange(self, scope, receive, send, policy).run()
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_then_close(message: Message) -> None:
+            if message["type"] in _LIFESPAN_END:
+                await self.aclose()
+            await send(message)
+
+        # An app without lifespan support (Django) raises here; the server handles that.
+        await self.app(scope, receive, send_then_close)
 
 
 def _is_json(content_type: bytes) -> bool:
@@ -116,6 +228,7 @@ class _Exchange:
         "rewrite",
         "scope",
         "send",
+        "session_raw",
         "tier",
     )
 
@@ -140,24 +253,27 @@ class _Exchange:
         self.disconnected = False
         self.attempts = 0
         self.tier = ""
+        self.session_raw: bytes | None = None
 
     async def run(self) -> None:
         try:
             tier = await self._read_tier()
+            if tier is None:
+                await self.mw.app(self.scope, self._replaying(), self.send)
+                return
+            router = await self._router()
+            self.tier = self._check_tier(tier, router)
+            await self._route(router)
         except TierError as err:
             await err.send(self.send)
-            return
         except ClientGone:
             return  # nobody is left to answer, and the app need not spend a model call
-        if tier is None:
-            await self.mw.app(self.scope, self._replaying(), self.send)
-            return
-        self.tier = tier
-        await self._route()
 
     # -- reading the request ------------------------------------------------------------------
 
     async def _read_tier(self) -> str | None:
+        """The tier the request names (normalised, not yet checked against the config), the
+        route's default, or None for a request that is not ours."""
         mw = self.mw
         found: list[tuple[str, str]] = []
         content_type = length = None
@@ -172,6 +288,8 @@ class _Exchange:
                 length = value
             elif name == b"transfer-encoding":
                 chunked = True
+            elif name == mw.session_header:
+                self.session_raw = value
         # An explicitly opted-in route is a JSON LLM endpoint: bad bodies are rejected. With
         # routes=None only a request that names a tier is ours; anything else goes on untouched.
         strict = mw.routes.explicit or bool(found)
@@ -200,27 +318,41 @@ class _Exchange:
             # Not JSON but small enough to hold: keep it so a failed call can be replayed.
             await self._buffer(strict)
         tier = agree(found)
-        policy = self.policy
         if tier is None:
-            tier = policy.default_tier
-            if tier is None:
-                if policy.require_tier:
-                    raise bad_request("tier_required", "this route requires a tier", param="tier")
-                return None
-        config = mw.router.config
+            tier = self.policy.default_tier
+            if tier is None and self.policy.require_tier:
+                raise bad_request("tier_required", "this route requires a tier", param="tier")
+        return tier
+
+    def _check_tier(self, tier: str, router: TierRouter) -> str:
+        config = router.config
         if tier not in config:
             raise invalid_tier(
                 f"unknown tier {tier!r}; valid tiers: {', '.join(config.tier_order)}"
             )
-        if policy.allowed_tiers is not None and tier not in policy.allowed_tiers:
+        allowed = self.policy.allowed_tiers
+        if allowed is not None and tier not in allowed:
             raise TierError(
                 403,
                 "tier_not_allowed",
                 f"tier {tier!r} is not allowed on this route; allowed: "
-                f"{', '.join(t for t in config.tier_order if t in policy.allowed_tiers)}",
+                f"{', '.join(t for t in config.tier_order if t in allowed)}",
                 param="tier",
             )
         return tier
+
+    async def _router(self) -> TierRouter:
+        mw = self.mw
+        if mw.router is None:
+            await mw.configs.ready(mw.config_timeout)
+            if mw.router is None:
+                raise service_unavailable(
+                    "config_unavailable",
+                    "no tier configuration is available yet",
+                    mw.retry_after_bounds[0] * 5,
+                    mw.retry_after_bounds,
+                )
+        return mw.router
 
     async def _buffer(self, strict: bool) -> None:
         try:
@@ -259,13 +391,34 @@ class _Exchange:
 
         return receive
 
-    # -- calling the app ----------------------------------------------------------------------
+    # -- choosing and calling -----------------------------------------------------------------
 
-    async def _route(self) -> None:
+    async def _route(self, router: TierRouter) -> None:
         mw = self.mw
+        state = mw.state
+        decision: Decision | None = None
+        key = ""
         try:
-            selection = await mw.router.select(self.tier)
+            if self.session_raw is not None and mw.session_header is not None:
+                session_id = valid_session_id(self.session_raw)
+                if session_id is None:
+                    raise bad_request(
+                        "invalid_session_id",
+                        "the session id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':' "
+                        "or '-'",
+                        param="session_id",
+                    )
+                key = session_key(mw.identity(self.scope), session_id)
+                record = await state.load_session(key)
+                decision = await decide(router, record, self.tier, time.time())
+                selection = decision.selection
+                self.tier = selection.tier  # a session never goes down a tier
+            else:
+                await state.sync_health()
+                selection = await router.select(self.tier)
         except NoHealthyModel as exc:
+            mw.metrics.request(self.tier)
+            mw.metrics.unavailable(self.tier)
             await service_unavailable(
                 "service_unavailable",
                 f"all models for tier {exc.tier!r} are temporarily unavailable",
@@ -273,17 +426,35 @@ class _Exchange:
                 mw.retry_after_bounds,
             ).send(self.send, [(b"x-tier", self.tier.encode()), (b"x-tier-attempts", b"0")])
             return
+        mw.metrics.request(self.tier)
+        if decision is not None and decision.upgraded_from is not None:
+            mw.metrics.session_upgrade(decision.upgraded_from, self.tier)
+
         base_headers = self._base_headers()
         tried: list[Key] = []
         # A body that was not held (a large upload, say) cannot be sent twice.
         max_attempts = self.policy.max_attempts if self.buffered is not None else 1
+        attempt: _Attempt | None = None
         next_selection: Selection | None = selection
         while next_selection is not None:
-            selection = next_selection
+            if attempt is not None:
+                mw.metrics.retry(self.tier, attempt.selection.model, next_selection.model)
             self.attempts += 1
-            tried.append(selection.key)
-            attempt = _Attempt(self, selection, self.attempts < max_attempts, tried)
+            tried.append(next_selection.key)
+            attempt = _Attempt(self, next_selection, self.attempts < max_attempts, tried)
             next_selection = await attempt.run(base_headers)
+        assert attempt is not None
+        if decision is not None and not attempt.failed:
+            await self._save_session(key, decision, attempt.selection)
+
+    async def _save_session(self, key: str, decision: Decision, served: Selection) -> None:
+        """Store the session when it was created or upgraded, or moved to another model."""
+        if decision.record is None and served is decision.selection:
+            return
+        now = time.time()
+        created = decision.record.created_at if decision.record is not None else now
+        record = SessionRecord(served.provider, served.model, served.tier, created, now)
+        await self.mw.state.save_session(key, record)
 
     def _base_headers(self) -> Headers:
         drop = self.mw.request_drop | _BODY_FRAMING if self.rewrite else self.mw.request_drop
@@ -293,7 +464,7 @@ class _Exchange:
         if self.disconnected:
             return None
         try:
-            return await self.mw.router.select(self.tier, exclude=tried)
+            return await self.mw.router.select(self.tier, exclude=tried)  # type: ignore[union-attr]
         except NoHealthyModel:
             return None
 
@@ -310,6 +481,8 @@ class _Attempt:
         "recorded",
         "selection",
         "started",
+        "started_at",
+        "tap",
         "tried",
     )
 
@@ -325,44 +498,55 @@ class _Attempt:
         self.recorded = False  # health already knows this attempt's outcome
         self.failed = False  # ... and it was a failure
         self.next: Selection | None = None  # set when this response is dropped for a retry
+        self.tap: UsageTap | None = None
+        self.started_at = 0.0
 
     async def run(self, base_headers: Headers) -> Selection | None:
         """Call the app; returns the selection to retry with, or None when done."""
         ex = self.exchange
         sel = self.selection
-        health = ex.mw.health
+        metrics = ex.mw.metrics
+        metrics.selection(sel)
         scope = self._scope(base_headers)
         token = _current.set(sel)
+        self.started_at = time.perf_counter()
         try:
             await ex.mw.app(scope, self.receive, self.send)
         except Exception:
             if self.next is not None:
                 return self.next  # the failure was recorded and its response dropped already
             if ex.disconnected:
-                self._release()
+                await self._release()
                 raise
             if not self.failed:  # an exception, even after a good start, is the provider failing
-                self.recorded = self.failed = True
-                health.record_failure(sel.provider, sel.model)
+                await self._fail(None)
             if not self.started and self.can_retry:
                 alternative = await ex.alternative(self.tried)
                 if alternative is not None:
-                    logger.debug("retrying after an exception", extra={"tier": sel.tier})
                     return alternative
             raise
         except BaseException:  # cancellation: nothing learned about the model
-            self._release()
+            await self._release()
             raise
         finally:
             _current.reset(token)
         if not self.recorded:
-            self._release()  # the app answered nothing, or the client left
+            await self._release()  # the app answered nothing, or the client left
+        if self.tap is not None:
+            usage = self.tap.result()
+            if usage is not None:
+                metrics.usage(sel, *usage)
         return self.next
 
-    def _release(self) -> None:
+    async def _fail(self, retry_after: float | None) -> None:
+        self.recorded = self.failed = True
+        self.exchange.mw.metrics.failure(self.selection)
+        await self.exchange.mw.state.failure(self.selection, retry_after)
+
+    async def _release(self) -> None:
         if not self.recorded:
             self.recorded = True
-            self.exchange.mw.health.release(self.selection.provider, self.selection.model)
+            await self.exchange.mw.state.release(self.selection)
 
     def _scope(self, base_headers: Headers) -> Scope:
         ex = self.exchange
@@ -399,25 +583,27 @@ class _Attempt:
     async def send(self, message: Message) -> None:
         if message["type"] != "http.response.start":
             if self.next is None:
+                if self.tap is not None and message["type"] == "http.response.body":
+                    self.tap.feed(message.get("body", b""))
                 await self.exchange.send(message)
             return  # draining a response that will be retried
         ex = self.exchange
         sel = self.selection
-        health = ex.mw.health
+        mw = ex.mw
         status = message["status"]
         headers = message.get("headers") or ()
-        self.recorded = True
-        if status in ex.mw.failure_statuses:
-            self.failed = True
-            health.record_failure(sel.provider, sel.model, _retry_after(headers))
+        mw.metrics.duration(sel, time.perf_counter() - self.started_at)
+        if status in mw.failure_statuses:
+            await self._fail(_retry_after(headers))
             if self.can_retry:
                 self.next = await ex.alternative(self.tried)
                 if self.next is not None:
                     return
         elif status < 400:
-            health.record_success(sel.provider, sel.model)
+            self.recorded = True
+            await mw.state.success(sel)
         else:  # the caller's fault: says nothing about the model
-            health.release(sel.provider, sel.model)
+            await self._release()
         out: Headers = [(k, v) for k, v in headers if k.lower() not in _OWN_HEADERS]
         out += [
             (b"x-tier", sel.tier.encode()),
@@ -425,6 +611,7 @@ class _Attempt:
             (b"x-tier-model", sel.model.encode()),
             (b"x-tier-attempts", str(ex.attempts).encode()),
         ]
+        self.tap = UsageTap.for_response(status, out)
         self.started = True
         await ex.send({**message, "headers": out})
 

@@ -1,0 +1,183 @@
+"""The in-process backend: everything in dicts, nothing shared, nothing that can fail.
+
+It serves a single instance (no shared store configured) and is the fallback every instance uses
+while a shared backend is failing. All methods run without awaiting, so on one event loop each
+call is atomic. It is not meant to be shared between threads.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from .._health import MAX_RETRY_AFTER, HealthConfig
+from .base import HealthSnapshot, SessionRecord, Store
+
+
+class _Session:
+    __slots__ = ("expires", "record")
+
+    def __init__(self, record: SessionRecord, expires: float) -> None:
+        self.record = record
+        self.expires = expires  # on the store's clock
+
+
+def backoff_end(
+    failures: int,
+    until: float,
+    config: HealthConfig,
+    retry_after: float | None,
+    now: float,
+    jitter_factor: float,
+) -> float:
+    """The backoff end after the `failures`-th consecutive failure, as `HealthTracker` computes it
+    (`until` is kept below the threshold). The Redis script mirrors this line by line."""
+    n = failures - config.failure_threshold + 1
+    if n < 1:
+        return until
+    try:
+        growth = config.multiplier ** min(n - 1, 64)
+    except OverflowError:  # a multiplier above ~65000: Lua (and IEEE) make it inf
+        growth = math.inf
+    backoff = min(config.initial_backoff * growth, config.max_backoff)
+    backoff = min(backoff * jitter_factor, config.max_backoff)
+    if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+        backoff = max(backoff, min(retry_after, MAX_RETRY_AFTER))
+    return now + backoff
+
+
+class MemoryStore(Store):
+    """Sessions in a bounded LRU with a sliding TTL per entry; locks, health and probe leases in
+    plain dicts. `clock` returns wall-clock seconds (tests inject a fake one).
+
+    Memory stays flat whatever the number of session ids: a write drops expired sessions from the
+    least-recently-used end and then evicts beyond `max_sessions`; a read of an expired session
+    drops it. Reads never allocate.
+    """
+
+    name = "memory"
+
+    def __init__(self, *, max_sessions: int = 100_000, clock: Callable[[], float] = time.time):
+        if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
+            raise ValueError(f"max_sessions must be an integer >= 1, got {max_sessions!r}")
+        self.max_sessions = max_sessions
+        self.clock = clock
+        # Least recently used first. Every read and write moves an entry to the end and restarts
+        # its expiry, so with one TTL for all sessions the front is also the first to expire.
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._config: tuple[bytes, float] | None = None
+        self._locks: dict[str, tuple[str, float]] = {}  # name -> (token, expiry)
+        self._health: dict[tuple[str, str], tuple[int, float]] = {}  # -> (failures, until)
+        self._probes: dict[tuple[str, str], float] = {}  # -> lease expiry
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    async def get_session(self, key: str, ttl: float) -> SessionRecord | None:
+        entry = self._sessions.get(key)
+        if entry is None:
+            return None
+        now = self.clock()
+        record = entry.record
+        if entry.expires <= now or not isinstance(record, SessionRecord):
+            del self._sessions[key]  # expired (or not a record at all): gone for good
+            return None
+        entry.expires = now + ttl
+        self._sessions.move_to_end(key)
+        return record
+
+    async def put_session(self, key: str, record: SessionRecord, ttl: float) -> None:
+        sessions = self._sessions
+        now = self.clock()
+        entry = sessions.get(key)
+        if entry is None:
+            sessions[key] = _Session(record, now + ttl)
+        else:
+            entry.record = record
+            entry.expires = now + ttl
+            sessions.move_to_end(key)
+        self._drop_expired(now)
+        while len(sessions) > self.max_sessions:
+            sessions.popitem(last=False)
+
+    async def get_session_and_health(
+        self, key: str, ttl: float
+    ) -> tuple[SessionRecord | None, HealthSnapshot]:
+        return await self.get_session(key, ttl), await self.health_snapshot()
+
+    async def session_count(self) -> int:
+        """Live sessions. Exact while all sessions share one TTL (the middleware's case); with
+        mixed TTLs an expired session behind a live one at the LRU front is counted until it is
+        read or evicted."""
+        self._drop_expired(self.clock())
+        return len(self._sessions)
+
+    def _drop_expired(self, now: float) -> None:
+        sessions = self._sessions
+        while sessions:
+            key = next(iter(sessions))
+            if sessions[key].expires > now:
+                return
+            del sessions[key]
+
+    # -- the config copy -------------------------------------------------------------------------
+
+    async def get_config(self) -> tuple[bytes, float] | None:
+        return self._config
+
+    async def put_config(self, raw: bytes, fetched_at: float) -> None:
+        self._config = (bytes(raw), fetched_at)
+
+    async def try_lock(self, name: str, ttl: float) -> str | None:
+        now = self.clock()
+        held = self._locks.get(name)
+        if held is not None and held[1] > now:
+            return None
+        token = secrets.token_hex(16)
+        self._locks[name] = (token, now + ttl)
+        return token
+
+    async def unlock(self, name: str, token: str) -> None:
+        held = self._locks.get(name)
+        if held is not None and held[0] == token:
+            del self._locks[name]
+
+    # -- health ---------------------------------------------------------------------------------
+
+    async def health_snapshot(self) -> HealthSnapshot:
+        return dict(self._health)
+
+    async def record_failure(
+        self,
+        provider: str,
+        model: str,
+        config: HealthConfig,
+        retry_after: float | None,
+        now: float,
+        jitter_factor: float = 1.0,
+    ) -> tuple[int, float]:
+        key = (provider, model)
+        failures, until = self._health.get(key, (0, 0.0))
+        failures += 1
+        until = backoff_end(failures, until, config, retry_after, now, jitter_factor)
+        self._health[key] = (failures, until)
+        return failures, until
+
+    async def record_success(self, provider: str, model: str) -> None:
+        self._health.pop((provider, model), None)
+
+    async def try_probe(self, provider: str, model: str, ttl: float) -> bool:
+        key = (provider, model)
+        now = self.clock()
+        expires = self._probes.get(key)
+        if expires is not None and expires > now:
+            return False
+        if len(self._probes) > 1024:  # leases that expired without a release: keep it small
+            self._probes = {k: t for k, t in self._probes.items() if t > now}
+        self._probes[key] = now + ttl
+        return True
+
+    async def release_probe(self, provider: str, model: str) -> None:
+        self._probes.pop((provider, model), None)

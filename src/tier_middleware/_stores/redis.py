@@ -1,0 +1,283 @@
+"""The Redis backend: sessions, the config copy, a lock and health shared by a fleet.
+
+Every call is bounded: `socket_connect_timeout` for a new connection, `socket_timeout` for each
+reply, the pool's wait for a free connection by `socket_timeout` too, and redis-py's retries are
+switched off (its defaults would retry a dead server for seconds). The middleware falls back to
+in-process state on a StoreError, so failing fast is the whole point; a broken connection is
+dropped and the next call opens a new one, which is how the store recovers by itself after a
+server restart.
+
+Keys, under `prefix`:
+  s:{key}                       a session: SessionRecord.dumps(), sliding TTL (PX)
+  config                        hash {raw, fetched_at}; never expires
+  lock:{name}                   a lock token (SET NX PX; released by compare-and-delete)
+  health                        hash {provider "\\n" model: "failures:until"}
+  probe:{provider}\\n{model}      a half-open probe lease (SET NX PX)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, ParamSpec, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .._health import MAX_RETRY_AFTER, HealthConfig
+from .base import HealthSnapshot, SessionRecord, Store, StoreError
+
+_ERRORS = (RedisError, OSError, EOFError, asyncio.TimeoutError)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Count a failure and extend the backoff exactly as HealthTracker.record_failure does
+# (memory.backoff_end is the same rule in Python). Numbers travel as strings both ways: Redis
+# truncates a Lua number reply to an integer, and Lua's tostring keeps only 14 digits, so
+# '%.17g' is used to round-trip doubles exactly.
+_RECORD_FAILURE = """
+local field = ARGV[1]
+local initial = tonumber(ARGV[2])
+local max_backoff = tonumber(ARGV[3])
+local multiplier = tonumber(ARGV[4])
+local threshold = tonumber(ARGV[5])
+local retry_after = tonumber(ARGV[6])
+local now = tonumber(ARGV[7])
+local jitter_factor = tonumber(ARGV[8])
+local max_retry_after = tonumber(ARGV[9])
+
+local failures, ends = 0, 0
+local current = redis.call('HGET', KEYS[1], field)
+if current then
+  local sep = string.find(current, ':', 1, true)
+  if sep then
+    failures = tonumber(string.sub(current, 1, sep - 1)) or 0
+    ends = tonumber(string.sub(current, sep + 1)) or 0
+  end
+end
+failures = failures + 1
+local n = failures - threshold + 1
+if n >= 1 then
+  local backoff = math.min(initial * multiplier ^ math.min(n - 1, 64), max_backoff)
+  backoff = math.min(backoff * jitter_factor, max_backoff)
+  if retry_after > 0 then
+    backoff = math.max(backoff, math.min(retry_after, max_retry_after))
+  end
+  ends = now + backoff
+end
+local failures_s = string.format('%d', failures)
+local until_s = string.format('%.17g', ends)
+redis.call('HSET', KEYS[1], field, failures_s .. ':' .. until_s)
+return {failures_s, until_s}
+"""
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def _wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn every Redis or socket failure into StoreError (the original as __cause__)."""
+    operation = fn.__name__
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except _ERRORS as exc:
+            raise StoreError(f"redis {operation} failed: {type(exc).__name__}: {exc}") from exc
+
+    return call
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _float(value: float) -> str:
+    return repr(float(value))  # shortest text that parses back to the same double
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _snapshot(fields: Mapping[bytes | str, bytes | str]) -> HealthSnapshot:
+    snapshot: HealthSnapshot = {}
+    for field, value in fields.items():
+        provider, sep, model = _text(field).partition("\n")
+        failures, colon, until = _text(value).partition(":")
+        if not sep or not colon:
+            continue
+        try:
+            snapshot[(provider, model)] = (int(failures), float(until))
+        except ValueError:
+            continue  # not ours: skip rather than fail every sync
+    return snapshot
+
+
+class RedisStore(Store):
+    """A `Store` on Redis (redis://, rediss:// or unix:// URL), via `redis.asyncio`.
+
+    `clock` (wall-clock seconds) is kept for symmetry with MemoryStore: every time-dependent
+    decision here is made by Redis (TTLs) or passed in (`now`). `session_count` is None:
+    counting keys is not cheap in Redis.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "tier:",
+        socket_timeout: float = 0.1,
+        connect_timeout: float = 0.1,
+        max_connections: int = 64,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.prefix = prefix
+        self.clock = clock
+        # A blocking pool: a burst beyond max_connections waits (at most socket_timeout) for a
+        # connection instead of failing at once. NO retries, pinned explicitly: redis-py 8's
+        # Redis(host=...) defaults to 10 retries with backoff (11 attempts, ~4.6 s against a
+        # silent server even with socket_timeout=0.1) and only its from_url path defaults to
+        # none. With 0 retries, retry_on_timeout/retry_on_error (e.g. from URL query options)
+        # only widen which errors would be retried and add no attempt.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=socket_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_error=[],
+            health_check_interval=0,
+            decode_responses=False,
+        )
+        self._redis: Redis = Redis.from_pool(pool)  # the client owns (and closes) the pool
+        self._config_key = f"{prefix}config"
+        self._health_key = f"{prefix}health"
+        self._record_failure = self._redis.register_script(_RECORD_FAILURE)
+        self._unlock = self._redis.register_script(_UNLOCK)
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    @_wrap
+    async def get_session(self, key: str, ttl: float) -> SessionRecord | None:
+        raw = await self._redis.getex(f"{self.prefix}s:{key}", px=_ms(ttl))
+        return None if raw is None else SessionRecord.loads(raw)
+
+    @_wrap
+    async def put_session(self, key: str, record: SessionRecord, ttl: float) -> None:
+        await self._redis.set(f"{self.prefix}s:{key}", record.dumps(), px=_ms(ttl))
+
+    @_wrap
+    async def get_session_and_health(
+        self, key: str, ttl: float
+    ) -> tuple[SessionRecord | None, HealthSnapshot]:
+        # One round trip: both commands go out in one write (no MULTI: nothing to make atomic).
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.getex(f"{self.prefix}s:{key}", px=_ms(ttl))
+            pipe.hgetall(self._health_key)
+            raw, fields = await pipe.execute()
+        record = None if raw is None else SessionRecord.loads(raw)
+        return record, _snapshot(fields)
+
+    # -- the config copy -------------------------------------------------------------------------
+
+    @_wrap
+    async def get_config(self) -> tuple[bytes, float] | None:
+        raw, fetched_at = await self._redis.hmget(self._config_key, ["raw", "fetched_at"])
+        if raw is None or fetched_at is None:
+            return None
+        try:
+            return (raw if isinstance(raw, bytes) else raw.encode()), float(fetched_at)
+        except ValueError:
+            return None
+
+    @_wrap
+    async def put_config(self, raw: bytes, fetched_at: float) -> None:
+        # A hash without expiry: a TTL must never erase the last-known-good config.
+        await self._redis.hset(
+            self._config_key, mapping={"raw": raw, "fetched_at": _float(fetched_at)}
+        )
+
+    @_wrap
+    async def try_lock(self, name: str, ttl: float) -> str | None:
+        token = secrets.token_hex(16)
+        taken = await self._redis.set(f"{self.prefix}lock:{name}", token, nx=True, px=_ms(ttl))
+        return token if taken else None
+
+    @_wrap
+    async def unlock(self, name: str, token: str) -> None:
+        await self._unlock(keys=[f"{self.prefix}lock:{name}"], args=[token])
+
+    # -- health ---------------------------------------------------------------------------------
+
+    @_wrap
+    async def health_snapshot(self) -> HealthSnapshot:
+        return _snapshot(await self._redis.hgetall(self._health_key))
+
+    @_wrap
+    async def record_failure(
+        self,
+        provider: str,
+        model: str,
+        config: HealthConfig,
+        retry_after: float | None,
+        now: float,
+        jitter_factor: float = 1.0,
+    ) -> tuple[int, float]:
+        if retry_after is None or not math.isfinite(retry_after) or retry_after <= 0:
+            retry_after = -1.0
+        failures, until = await self._record_failure(
+            keys=[self._health_key],
+            args=[
+                f"{provider}\n{model}",
+                _float(config.initial_backoff),
+                _float(config.max_backoff),
+                _float(config.multiplier),
+                str(config.failure_threshold),
+                _float(retry_after),
+                _float(now),
+                _float(jitter_factor),
+                _float(MAX_RETRY_AFTER),
+            ],
+        )
+        return int(failures), float(until)
+
+    @_wrap
+    async def record_success(self, provider: str, model: str) -> None:
+        await self._redis.hdel(self._health_key, f"{provider}\n{model}")
+
+    @_wrap
+    async def try_probe(self, provider: str, model: str, ttl: float) -> bool:
+        key = f"{self.prefix}probe:{provider}\n{model}"
+        return bool(await self._redis.set(key, b"1", nx=True, px=_ms(ttl)))
+
+    @_wrap
+    async def release_probe(self, provider: str, model: str) -> None:
+        await self._redis.delete(f"{self.prefix}probe:{provider}\n{model}")
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except _ERRORS:
+            return False
+
+    @_wrap
+    async def aclose(self) -> None:
+        await self._redis.aclose()

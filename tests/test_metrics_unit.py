@@ -1,0 +1,517 @@
+"""Metrics: recorded through the methods, exposed with generate_latest and parsed back.
+
+Every test uses its own CollectorRegistry; values are read from the parsed exposition text.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from _clock import FakeClock
+from tier_middleware import (
+    HealthConfig,
+    HealthTracker,
+    ModelConfig,
+    Selection,
+    TierConfig,
+    TierRouter,
+)
+from tier_middleware._metrics import DURATION_BUCKETS, Metrics, metrics_app
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(registry: CollectorRegistry) -> Samples:
+    text = generate_latest(registry).decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    return {labels: v for (n, labels), v in samples.items() if n == name}
+
+
+def family_names(registry: CollectorRegistry) -> set[str]:
+    text = generate_latest(registry).decode()
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def model(
+    provider: str, name: str, cost: int = 1, input_price: float = 0.0, output_price: float = 0.0
+) -> ModelConfig:
+    return ModelConfig(
+        provider=provider,
+        model=name,
+        relative_cost=cost,
+        input_price_per_million=input_price,
+        output_price_per_million=output_price,
+    )
+
+
+def selection(
+    tier: str, provider: str, name: str, input_price: float = 0.0, output_price: float = 0.0
+) -> Selection:
+    return Selection(tier, provider, name, model(provider, name, 1, input_price, output_price))
+
+
+def config(**tiers: list[ModelConfig]) -> TierConfig:
+    return TierConfig(tiers={k: tuple(v) for k, v in tiers.items()}, tier_order=tuple(tiers))
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+# -- one instance per (registry, namespace) -------------------------------------------------------
+
+
+def test_for_registry_is_idempotent(registry: CollectorRegistry) -> None:
+    first = Metrics.for_registry(registry)
+    second = Metrics.for_registry(registry)
+    assert first is second
+    assert Metrics.for_registry(registry, "llm") is first
+    assert Metrics.for_registry(registry, "other") is not first
+    assert Metrics.for_registry(CollectorRegistry()) is not first
+    first.request("simple")
+    second.request("simple")
+    assert value(scrape(registry), "llm_tier_requests_total", tier="simple") == 2.0
+
+
+def test_default_registry_is_the_global_one() -> None:
+    assert Metrics.for_registry() is Metrics.for_registry(REGISTRY)
+    assert Metrics.for_registry(None, "llm") is Metrics.for_registry(REGISTRY, "llm")
+
+
+def test_constructing_twice_is_what_for_registry_avoids(registry: CollectorRegistry) -> None:
+    Metrics.for_registry(registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Metrics(registry)
+
+
+def test_a_failed_registration_is_rolled_back(registry: CollectorRegistry) -> None:
+    # A series registered by someone else clashes part way through: nothing is left behind.
+    clash = Counter("llm_tokens", "someone else's", registry=registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Metrics.for_registry(registry)
+    registry.unregister(clash)
+    metrics = Metrics.for_registry(registry)
+    metrics.request("simple")
+    assert value(scrape(registry), "llm_tier_requests_total", tier="simple") == 1.0
+
+
+def test_the_cache_does_not_keep_a_registry_alive() -> None:
+    registry = CollectorRegistry()
+    Metrics.for_registry(registry).request("simple")
+    ref = weakref.ref(registry)
+    del registry
+    gc.collect()
+    assert ref() is None
+
+
+def test_sentinel_names(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry, namespace="sentinel")
+    sel = selection("simple", "openai", "gpt-4o-mini")
+    metrics.request("simple")
+    metrics.selection(sel)
+    metrics.failure(sel)
+    metrics.retry("simple", "gpt-4o-mini", "claude-haiku")
+    router = TierRouter(config(simple=[model("openai", "gpt-4o-mini")]))  # watched weakly: keep it
+    metrics.watch(router)
+    names = family_names(registry)
+    for name in (
+        "sentinel_tier_requests_total",
+        "sentinel_model_selections_total",
+        "sentinel_provider_failures_total",
+        "sentinel_model_retries_total",
+        "sentinel_provider_health",
+    ):
+        assert name in names
+    samples = scrape(registry)
+    assert value(samples, "sentinel_tier_requests_total", tier="simple") == 1.0
+    assert (
+        value(
+            samples,
+            "sentinel_model_selections_total",
+            tier="simple",
+            provider="openai",
+            model="gpt-4o-mini",
+        )
+        == 1.0
+    )
+    assert (
+        value(samples, "sentinel_provider_failures_total", provider="openai", model="gpt-4o-mini")
+        == 1.0
+    )
+    assert (
+        value(
+            samples,
+            "sentinel_model_retries_total",
+            tier="simple",
+            failed_model="gpt-4o-mini",
+            retry_model="claude-haiku",
+        )
+        == 1.0
+    )
+    assert value(samples, "sentinel_provider_health", provider="openai", model="gpt-4o-mini") == 1.0
+    assert not any(n.startswith("llm_") for n in names)
+
+
+def test_every_series_name(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry)
+    sel = selection("simple", "openai", "gpt-4o-mini")
+    metrics.request("simple")
+    metrics.selection(sel)
+    metrics.failure(sel)
+    metrics.retry("simple", "a", "b")
+    metrics.unavailable("simple")
+    metrics.duration(sel, 0.3)
+    metrics.session_upgrade("simple", "complex")
+    metrics.backend_error("redis", "get")
+    metrics.config_refresh("ok")
+    metrics.config_info("v1")
+    metrics.usage(sel, 1, 1)
+    metrics.over_budget("simple")
+    router = TierRouter(config(simple=[model("openai", "gpt-4o-mini")]))
+    metrics.watch(router)
+    assert {
+        "llm_tier_requests_total",
+        "llm_model_selections_total",
+        "llm_provider_failures_total",
+        "llm_model_retries_total",
+        "llm_provider_health",
+        "llm_tier_unavailable_total",
+        "llm_request_duration_seconds_bucket",
+        "llm_request_duration_seconds_count",
+        "llm_request_duration_seconds_sum",
+        "llm_session_upgrades_total",
+        "llm_backend_errors_total",
+        "llm_config_refreshes_total",
+        "llm_config_info",
+        "llm_tokens_total",
+        "llm_cost_usd_total",
+        "llm_retries_over_budget_total",
+    } <= family_names(registry)
+
+
+# -- counters and the histogram --------------------------------------------------------------------
+
+
+def test_counters_count(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry)
+    a = selection("simple", "openai", "gpt-4o-mini")
+    b = selection("complex", "anthropic", "claude-sonnet")
+    for _ in range(3):
+        metrics.request("simple")
+    metrics.request("complex")
+    metrics.selection(a)
+    metrics.selection(a)
+    metrics.selection(b)
+    metrics.failure(a)
+    metrics.failure(selection("moderate", "openai", "gpt-4o-mini"))  # same provider/model
+    metrics.retry("simple", "gpt-4o-mini", "claude-haiku")
+    metrics.unavailable("complex")
+    metrics.unavailable("complex")
+    metrics.session_upgrade("simple", "complex")
+    metrics.backend_error("redis", "get")
+    metrics.backend_error("redis", "get")
+    metrics.backend_error("redis", "set")
+    metrics.config_refresh("ok")
+    metrics.config_refresh("ok")
+    metrics.config_refresh("error")
+    metrics.over_budget("simple")
+    s = scrape(registry)
+    assert value(s, "llm_tier_requests_total", tier="simple") == 3.0
+    assert value(s, "llm_tier_requests_total", tier="complex") == 1.0
+    assert (
+        value(
+            s, "llm_model_selections_total", tier="simple", provider="openai", model="gpt-4o-mini"
+        )
+        == 2.0
+    )
+    assert (
+        value(
+            s,
+            "llm_model_selections_total",
+            tier="complex",
+            provider="anthropic",
+            model="claude-sonnet",
+        )
+        == 1.0
+    )
+    assert value(s, "llm_provider_failures_total", provider="openai", model="gpt-4o-mini") == 2.0
+    assert series(s, "llm_model_retries_total") == {
+        frozenset(
+            {("tier", "simple"), ("failed_model", "gpt-4o-mini"), ("retry_model", "claude-haiku")}
+        ): 1.0
+    }
+    assert series(s, "llm_tier_unavailable_total") == {frozenset({("tier", "complex")}): 2.0}
+    assert value(s, "llm_session_upgrades_total", from_tier="simple", to_tier="complex") == 1.0
+    assert value(s, "llm_backend_errors_total", backend="redis", operation="get") == 2.0
+    assert value(s, "llm_backend_errors_total", backend="redis", operation="set") == 1.0
+    assert value(s, "llm_config_refreshes_total", result="ok") == 2.0
+    assert value(s, "llm_config_refreshes_total", result="error") == 1.0
+    assert series(s, "llm_retries_over_budget_total") == {frozenset({("tier", "simple")}): 1.0}
+
+
+def test_duration_histogram(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry)
+    sel = selection("simple", "openai", "gpt-4o-mini")
+    for seconds in (0.01, 0.3, 0.3, 4.0, 90.0):
+        metrics.duration(sel, seconds)
+    s = scrape(registry)
+    labels = {"tier": "simple", "provider": "openai", "model": "gpt-4o-mini"}
+    assert value(s, "llm_request_duration_seconds_count", **labels) == 5.0
+    assert value(s, "llm_request_duration_seconds_sum", **labels) == pytest.approx(94.61)
+    buckets = {
+        float(dict(k)["le"]): v for k, v in series(s, "llm_request_duration_seconds_bucket").items()
+    }
+    assert sorted(buckets) == sorted([*DURATION_BUCKETS, math.inf])
+    assert DURATION_BUCKETS[0] == 0.05
+    assert DURATION_BUCKETS[-1] == 60.0
+    assert buckets[0.05] == 1.0
+    assert buckets[0.5] == 3.0
+    assert buckets[5.0] == 4.0
+    assert buckets[60.0] == 4.0
+    assert buckets[math.inf] == 5.0
+
+
+def test_recording_caches_the_labelled_children(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry)
+    sel = selection("simple", "openai", "gpt-4o-mini")
+    metrics.selection(sel)
+    child = metrics._selections[("simple", "openai", "gpt-4o-mini")]
+    metrics.selection(sel)
+    assert metrics._selections[("simple", "openai", "gpt-4o-mini")] is child
+    assert len(metrics._selections) == 1
+
+
+# -- usage and cost -------------------------------------------------------------------------------
+
+
+def test_tokens_and_cost(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry)
+    sel = selection(
+        "complex",
+        "anthropic",
+        "claude-sonnet",
+        input_price=3.0,
+        output_price=15.0,
+    )
+    metrics.usage(sel, 1_000, 200)  # 0.003 + 0.003
+    metrics.usage(sel, 2_000_000, 1_000_000)  # 6 + 15
+    s = scrape(registry)
+    labels = {"tier": "complex", "provider": "anthropic", "model": "claude-sonnet"}
+    assert value(s, "llm_tokens_total", kind="input", **labels) == 2_001_000.0
+    assert value(s, "llm_tokens_total", kind="output", **labels) == 1_000_200.0
+    assert value(s, "llm_cost_usd_total", **labels) == pytest.approx(21.006)
+
+
+def test_cost_uses_the_prices_of_the_selection_at_hand(registry: CollectorRegistry) -> None:
+    # A config reload can change prices under the same labels: each call uses its own.
+    metrics = Metrics.for_registry(registry)
+    old = selection("simple", "openai", "gpt-4o-mini", input_price=1.0)
+    new = selection("simple", "openai", "gpt-4o-mini", input_price=2.0)
+    metrics.usage(old, 1_000_000, 0)
+    metrics.usage(new, 1_000_000, 0)
+    s = scrape(registry)
+    labels = {"tier": "simple", "provider": "openai", "model": "gpt-4o-mini"}
+    assert value(s, "llm_cost_usd_total", **labels) == pytest.approx(3.0)
+
+
+def test_free_models_cost_nothing_and_negative_counts_are_ignored(
+    registry: CollectorRegistry,
+) -> None:
+    metrics = Metrics.for_registry(registry)
+    sel = selection("simple", "local", "llama")
+    metrics.usage(sel, 500, 50)
+    metrics.usage(sel, -10, -1)
+    s = scrape(registry)
+    labels = {"tier": "simple", "provider": "local", "model": "llama"}
+    assert value(s, "llm_tokens_total", kind="input", **labels) == 500.0
+    assert value(s, "llm_tokens_total", kind="output", **labels) == 50.0
+    assert value(s, "llm_cost_usd_total", **labels) == 0.0
+
+
+# -- config info --------------------------------------------------------------------------------
+
+
+def test_config_info_keeps_one_series(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry)
+    metrics.config_info("v1")
+    assert series(scrape(registry), "llm_config_info") == {frozenset({("version", "v1")}): 1.0}
+    metrics.config_info("v2")
+    metrics.config_info("v2")
+    assert series(scrape(registry), "llm_config_info") == {frozenset({("version", "v2")}): 1.0}
+    metrics.config_info("v1")
+    assert series(scrape(registry), "llm_config_info") == {frozenset({("version", "v1")}): 1.0}
+
+
+# -- provider health, computed at scrape --------------------------------------------------------------
+
+
+def test_health_is_current_when_scraped(registry: CollectorRegistry, clock: FakeClock) -> None:
+    metrics = Metrics.for_registry(registry)
+    health = HealthTracker(HealthConfig(initial_backoff=30.0), clock=clock)
+    router = TierRouter(
+        config(
+            simple=[model("openai", "gpt-4o-mini"), model("anthropic", "claude-haiku")],
+            complex=[model("anthropic", "claude-sonnet")],
+        ),
+        health,
+    )
+    metrics.watch(router)
+    assert series(scrape(registry), "llm_provider_health") == {
+        frozenset({("provider", "openai"), ("model", "gpt-4o-mini")}): 1.0,
+        frozenset({("provider", "anthropic"), ("model", "claude-haiku")}): 1.0,
+        frozenset({("provider", "anthropic"), ("model", "claude-sonnet")}): 1.0,
+    }
+    health.record_failure("openai", "gpt-4o-mini")
+    s = scrape(registry)
+    assert value(s, "llm_provider_health", provider="openai", model="gpt-4o-mini") == 0.0
+    assert value(s, "llm_provider_health", provider="anthropic", model="claude-haiku") == 1.0
+    clock.advance(29.9)
+    s = scrape(registry)
+    assert value(s, "llm_provider_health", provider="openai", model="gpt-4o-mini") == 0.0
+    clock.advance(0.2)  # the backoff has run out; nothing else happened
+    s = scrape(registry)
+    assert value(s, "llm_provider_health", provider="openai", model="gpt-4o-mini") == 1.0
+
+
+def test_health_follows_a_config_swap(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry)
+    router = TierRouter(config(simple=[model("openai", "a")]))
+    metrics.watch(router)
+    router.config = config(simple=[model("openai", "b")])
+    assert series(scrape(registry), "llm_provider_health") == {
+        frozenset({("provider", "openai"), ("model", "b")}): 1.0
+    }
+
+
+def test_a_model_in_two_tiers_is_one_series(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry)
+    shared = model("openai", "gpt-4o")
+    router = TierRouter(config(moderate=[shared], complex=[shared]))
+    metrics.watch(router)
+    assert series(scrape(registry), "llm_provider_health") == {
+        frozenset({("provider", "openai"), ("model", "gpt-4o")}): 1.0
+    }
+
+
+def test_the_last_watched_router_wins(registry: CollectorRegistry, clock: FakeClock) -> None:
+    metrics = Metrics.for_registry(registry)
+    sick = HealthTracker(clock=clock)
+    sick.record_failure("openai", "gpt-4o")
+    first = TierRouter(config(simple=[model("openai", "gpt-4o"), model("x", "only-first")]), sick)
+    second = TierRouter(config(simple=[model("openai", "gpt-4o")]), HealthTracker(clock=clock))
+    metrics.watch(first)
+    metrics.watch(second)
+    s = scrape(registry)
+    assert value(s, "llm_provider_health", provider="openai", model="gpt-4o") == 1.0
+    assert value(s, "llm_provider_health", provider="x", model="only-first") == 1.0
+    metrics.watch(first)  # watched again: now the latest
+    metrics.watch(first)
+    s = scrape(registry)
+    assert value(s, "llm_provider_health", provider="openai", model="gpt-4o") == 0.0
+    assert len(metrics.provider_health.routers()) == 2
+
+
+def test_a_dead_router_disappears(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry)
+    keep = TierRouter(config(simple=[model("openai", "kept")]))
+    gone = TierRouter(config(simple=[model("openai", "gone")]))
+    metrics.watch(keep)
+    metrics.watch(gone)
+    assert len(series(scrape(registry), "llm_provider_health")) == 2
+    del gone
+    gc.collect()
+    assert series(scrape(registry), "llm_provider_health") == {
+        frozenset({("provider", "openai"), ("model", "kept")}): 1.0
+    }
+    assert metrics.provider_health.routers() == [keep]
+
+
+def test_health_without_routers_is_an_empty_family(registry: CollectorRegistry) -> None:
+    Metrics.for_registry(registry)
+    assert series(scrape(registry), "llm_provider_health") == {}
+
+
+def test_a_broken_router_does_not_break_the_scrape(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(TierRouter):
+        @property
+        def config(self) -> TierConfig:
+            raise RuntimeError("boom")
+
+        @config.setter
+        def config(self, value: TierConfig) -> None:
+            pass
+
+    metrics = Metrics.for_registry(registry)
+    ok = TierRouter(config(simple=[model("openai", "ok")]))
+    metrics.watch(ok)
+    broken = Broken(config(simple=[model("openai", "x")]))
+    metrics.watch(broken)
+    assert series(scrape(registry), "llm_provider_health") == {
+        frozenset({("provider", "openai"), ("model", "ok")}): 1.0
+    }
+    assert "cannot read the health" in caplog.text
+
+
+# -- the /metrics app ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_metrics_app_serves_the_registry(registry: CollectorRegistry) -> None:
+    metrics = Metrics.for_registry(registry, "sentinel")
+    metrics.request("simple")
+    app: Any = metrics_app(registry)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    sample = next(
+        s for s in families["sentinel_tier_requests"].samples if s.name.endswith("_total")
+    )
+    assert sample.labels == {"tier": "simple"}
+    assert sample.value == 1.0
+
+
+@pytest.mark.anyio
+async def test_metrics_app_acknowledges_lifespan(registry: CollectorRegistry) -> None:
+    app = metrics_app(registry)
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    await app({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
