@@ -128,7 +128,7 @@ class Provider:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         model = headers.get("x-tier-model", "")
         self.calls.append({"scope": scope, "body": body, "headers": headers, "model": model})
         if model in self.raise_for:

@@ -545,3 +545,24 @@ def test_config_can_be_a_tierconfig_or_a_file(tmp_path: Any) -> None:
     from_file = TierRoutingMiddleware(Provider(), config=path)
     from_obj = TierRoutingMiddleware(Provider(), config=TierConfig.load(CONFIG))
     assert from_file.config == from_obj.config
+
+
+async def test_json_nested_past_orjsons_writer_still_reaches_the_app() -> None:
+    mw, provider = make()
+    depth = 600  # orjson reads 1024 levels but writes only 254
+    body = b'{"tier": "simple", "a": ' + b"[" * depth + b"]" * depth + b"}"
+    result = await call(mw, body)
+    assert result.status == 200
+    received = json.loads(provider.calls[0]["body"])
+    assert received["model"] in SIMPLE
+    nested = received["a"]
+    for _ in range(depth - 1):
+        nested = nested[0]
+    assert nested == []
+
+
+async def test_body_crossing_the_cap_in_its_last_chunk_passes_through_complete() -> None:
+    mw, provider = make(routes=None, max_body_bytes=100)
+    big = b'{"pad": "' + b"x" * 150 + b'"}'
+    await call(mw, [big[:60], big[60:]], path="/upload")  # the second chunk crosses and ends
+    assert provider.calls[0]["body"] == big

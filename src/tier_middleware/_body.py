@@ -13,9 +13,14 @@ from ._types import Message, Receive
 class BodyTooLarge(Exception):
     """The body went past the cap; `chunks` holds what was read so it can still be replayed."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
+    def __init__(self, chunks: list[bytes], complete: bool) -> None:
         super().__init__("request body too large")
         self.chunks = chunks
+        self.complete = complete  # the chunk that crossed the cap was also the last one
+
+
+class TooDeep(Exception):
+    """A JSON body nested too deeply to be written back."""
 
 
 class ClientGone(Exception):
@@ -35,7 +40,7 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                raise BodyTooLarge(chunks)
+                raise BodyTooLarge(chunks, complete=not message.get("more_body", False))
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -55,9 +60,16 @@ class Payload:
         self.stdlib = stdlib
 
     def dumps(self) -> bytes:
-        if self.stdlib:
+        """The object as JSON; TooDeep when it nests deeper than any serialiser here goes."""
+        if not self.stdlib:
+            try:
+                return orjson.dumps(self.data)
+            except (TypeError, orjson.JSONEncodeError):  # orjson writes only 254 levels deep
+                pass
+        try:
             return json.dumps(self.data, separators=(",", ":")).encode()
-        return orjson.dumps(self.data)
+        except RecursionError:
+            raise TooDeep from None
 
 
 def parse_object(body: bytes) -> Payload | None:

@@ -7,18 +7,20 @@ app -> outcome (health, retry) -> metrics.
 from __future__ import annotations
 
 import email.utils
+import inspect
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from ._body import BodyTooLarge, ClientGone, Payload, parse_object, read_body
+from ._body import BodyTooLarge, ClientGone, Payload, TooDeep, parse_object, read_body
+from ._budget import RetryBudget
 from ._config import ConfigError, TierConfig
 from ._errors import TierError, bad_request, service_unavailable
 from ._extract import agree, body_tiers, header_tier, invalid_tier
@@ -44,6 +46,7 @@ _DISCONNECT: Message = {"type": "http.disconnect"}
 _LIFESPAN_END = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 StaticConfig = TierConfig | Mapping[str, Any] | str | os.PathLike[str]
+Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
 
 _current: ContextVar[Selection | None] = ContextVar("tier_selection", default=None)
 
@@ -76,6 +79,9 @@ class TierRoutingMiddleware:
         session_ttl: float = 3600.0,
         max_sessions: int = 100_000,
         identity: Identity | None = None,
+        authorize: Authorize | None = None,
+        retry_budget: float = 0.2,
+        retry_budget_min: int = 3,
         health: HealthConfig | HealthTracker | None = None,
         tier_field: str = "tier",
         tier_header: str = "x-tier",
@@ -109,6 +115,8 @@ class TierRoutingMiddleware:
             raise ValueError("session_ttl must be > 0")
         self.config_timeout = config_timeout
         self.identity = identity or default_identity
+        self.authorize = authorize
+        self.budget = RetryBudget(retry_budget, retry_budget_min)
         # Request headers the app must not see from the client: ours are set by the middleware.
         self.request_drop = _OWN_HEADERS | {self.tier_header}
         self.routes = RouteTable(routes)
@@ -225,6 +233,7 @@ class _Exchange:
         "payload",
         "policy",
         "receive",
+        "retries",
         "rewrite",
         "scope",
         "send",
@@ -254,6 +263,7 @@ class _Exchange:
         self.attempts = 0
         self.tier = ""
         self.session_raw: bytes | None = None
+        self.retries = 0  # retry-budget slots held
 
     async def run(self) -> None:
         try:
@@ -263,6 +273,7 @@ class _Exchange:
                 return
             router = await self._router()
             self.tier = self._check_tier(tier, router)
+            await self._authorize(self.tier)
             await self._route(router)
         except TierError as err:
             await err.send(self.send)
@@ -341,6 +352,18 @@ class _Exchange:
             )
         return tier
 
+    async def _authorize(self, tier: str) -> None:
+        authorize = self.mw.authorize
+        if authorize is None:
+            return
+        allowed = authorize(self.scope, tier)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+        if not allowed:
+            raise TierError(
+                403, "tier_not_allowed", f"this caller may not use tier {tier!r}", param="tier"
+            )
+
     async def _router(self) -> TierRouter:
         mw = self.mw
         if mw.router is None:
@@ -361,7 +384,7 @@ class _Exchange:
             if strict:
                 raise _too_large(self.mw.max_body_bytes) from None
             self.buffered = exc.chunks
-            self.complete = False
+            self.complete = exc.complete
             return
         self.buffered = [self.body]
 
@@ -412,7 +435,9 @@ class _Exchange:
                 record = await state.load_session(key)
                 decision = await decide(router, record, self.tier, time.time())
                 selection = decision.selection
-                self.tier = selection.tier  # a session never goes down a tier
+                if selection.tier != self.tier:  # a session never goes down a tier
+                    self.tier = selection.tier
+                    await self._authorize(self.tier)
             else:
                 await state.sync_health()
                 selection = await router.select(self.tier)
@@ -436,13 +461,20 @@ class _Exchange:
         max_attempts = self.policy.max_attempts if self.buffered is not None else 1
         attempt: _Attempt | None = None
         next_selection: Selection | None = selection
-        while next_selection is not None:
-            if attempt is not None:
-                mw.metrics.retry(self.tier, attempt.selection.model, next_selection.model)
-            self.attempts += 1
-            tried.append(next_selection.key)
-            attempt = _Attempt(self, next_selection, self.attempts < max_attempts, tried)
-            next_selection = await attempt.run(base_headers)
+        budget = mw.budget
+        budget.active += 1
+        try:
+            while next_selection is not None:
+                if attempt is not None:
+                    mw.metrics.retry(self.tier, attempt.selection.model, next_selection.model)
+                self.attempts += 1
+                tried.append(next_selection.key)
+                attempt = _Attempt(self, next_selection, self.attempts < max_attempts, tried)
+                next_selection = await attempt.run(base_headers)
+        finally:
+            budget.active -= 1
+            for _ in range(self.retries):
+                budget.done()
         assert attempt is not None
         if decision is not None and not attempt.failed:
             await self._save_session(key, decision, attempt.selection)
@@ -461,12 +493,21 @@ class _Exchange:
         return [(k, v) for k, v in self.scope["headers"] if k.lower() not in drop]
 
     async def alternative(self, tried: list[Key]) -> Selection | None:
+        """Another model to retry with, if the client is still there, the retry budget has room
+        and the tier has a healthy model left."""
+        mw = self.mw
         if self.disconnected:
             return None
-        try:
-            return await self.mw.router.select(self.tier, exclude=tried)  # type: ignore[union-attr]
-        except NoHealthyModel:
+        if not mw.budget.try_retry():
+            mw.metrics.over_budget(self.tier)
             return None
+        try:
+            chosen = await mw.router.select(self.tier, exclude=tried)  # type: ignore[union-attr]
+        except NoHealthyModel:
+            mw.budget.done()
+            return None
+        self.retries += 1
+        return chosen
 
 
 class _Attempt:
@@ -506,8 +547,12 @@ class _Attempt:
         ex = self.exchange
         sel = self.selection
         metrics = ex.mw.metrics
+        try:
+            scope = self._scope(base_headers)
+        except TooDeep:
+            await self._release()
+            raise bad_request("invalid_json", "the request body is nested too deeply") from None
         metrics.selection(sel)
-        scope = self._scope(base_headers)
         token = _current.set(sel)
         self.started_at = time.perf_counter()
         try:
