@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from asgi_harness import Provider, call
 
+from asgi_harness import Provider, call
 from tier_middleware import TierConfig, TierRoutingMiddleware
 
 pytestmark = pytest.mark.anyio

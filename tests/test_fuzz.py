@@ -7,10 +7,10 @@ import asyncio
 import json
 from typing import Any
 
-from asgi_harness import Client, Provider, http_scope
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from asgi_harness import Client, Provider, http_scope
 from tier_middleware import RoutePolicy, TierRoutingMiddleware
 
 CONFIG = {
@@ -24,7 +24,13 @@ CONFIG = {
     }
 }
 CODES = {
-    400: {"invalid_json", "invalid_tier", "conflicting_tier", "tier_required", "invalid_session_id"},
+    400: {
+        "invalid_json",
+        "invalid_tier",
+        "conflicting_tier",
+        "tier_required",
+        "invalid_session_id",
+    },
     403: {"tier_not_allowed"},
     413: {"request_too_large"},
 }
@@ -52,8 +58,9 @@ models = st.one_of(
 )
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -99,7 +106,9 @@ content_types = st.sampled_from(
 paths = st.one_of(st.sampled_from(list(ROUTES)), st.text(max_size=30).map(lambda t: "/" + t))
 
 
-def run(mw: TierRoutingMiddleware, body: bytes, headers: list[tuple[bytes, bytes]], path: str) -> Any:
+def run(
+    mw: TierRoutingMiddleware, body: bytes, headers: list[tuple[bytes, bytes]], path: str
+) -> Any:
     scope = http_scope(path)
     scope["headers"] = headers
     # The body arrives split in two, as servers deliver large bodies.
