@@ -43,6 +43,7 @@ DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 _OWN_HEADERS = frozenset({b"x-tier", b"x-tier-provider", b"x-tier-model", b"x-tier-attempts"})
 _BODY_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _DISCONNECT: Message = {"type": "http.disconnect"}
+_CONFIG_RETRY_AFTER = 5.0  # seconds: a config fetch is retried in the background meanwhile
 _LIFESPAN_END = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 StaticConfig = TierConfig | Mapping[str, Any] | str | os.PathLike[str]
@@ -372,7 +373,7 @@ class _Exchange:
                 raise service_unavailable(
                     "config_unavailable",
                     "no tier configuration is available yet",
-                    mw.retry_after_bounds[0] * 5,
+                    _CONFIG_RETRY_AFTER,
                     mw.retry_after_bounds,
                 )
         return mw.router

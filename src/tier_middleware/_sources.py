@@ -403,6 +403,11 @@ class ConfigManager:
             else:
                 can_put = False
         try:
+            if token is not None and store is not None:
+                # Another instance may have refreshed between our read and taking the lock.
+                shared = await self._fresh_copy(store)
+                if shared is not None:
+                    return shared
             try:
                 config, raw = await remote.fetch(self._client())
             except FetchError as exc:
@@ -423,6 +428,22 @@ class ConfigManager:
         changed = self._adopt(config, "control_plane", fetched_at)
         self._recovered()
         return ("success" if changed else "unchanged"), self._refresh_after
+
+    async def _fresh_copy(self, store: Store) -> tuple[RefreshResult, float] | None:
+        """Adopt the shared copy if it is fresh; returns the refresh result, or None."""
+        try:
+            copy = self._parse_copy(await store.get_config())
+        except StoreError as exc:
+            self._store_failed("get_config", exc)
+            return None
+        if copy is None:
+            return None
+        age = max(0.0, self._wall_clock() - copy.fetched_at)
+        if age >= self._refresh_after:
+            return None
+        self._adopt(copy.config, "store", copy.fetched_at)
+        self._recovered()
+        return "shared", self._refresh_after - age
 
     def _parse_copy(self, got: tuple[bytes, float] | None) -> _Copy | None:
         if got is None:

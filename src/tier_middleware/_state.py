@@ -117,24 +117,28 @@ class State:
     # -- fleet-wide health -----------------------------------------------------------------------
 
     def _sync_due(self) -> bool:
-        return time.monotonic() - self._synced_at >= self.sync_interval
+        """Whether this request should read fleet health; claims the sync if so, so that the
+        requests arriving while it is in flight do not read it again."""
+        now = time.monotonic()
+        if now - self._synced_at < self.sync_interval:
+            return False
+        self._synced_at = now
+        return True
 
     def _merge(self, snapshot: dict[tuple[str, str], tuple[int, float]]) -> None:
-        self._synced_at = time.monotonic()
         offset = self.health.clock() - self.wall_clock()
         self.health.merge(snapshot, offset, complete=True)
 
     async def sync_health(self) -> None:
         """Refresh the local copy of fleet health when it is older than `sync_interval`."""
-        if not self.shared_health or not self._sync_due():
+        if not self.shared_health:
             return
         store = self._usable()
-        if store is None:
+        if store is None or not self._sync_due():
             return
         try:
             snapshot = await store.health_snapshot()
         except StoreError as exc:
-            self._synced_at = time.monotonic()
             self._failed("health_snapshot", exc)
         else:
             self._ok()
