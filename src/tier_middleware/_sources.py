@@ -94,6 +94,15 @@ class ControlPlaneSource:
         """Fetch and validate the config; returns it with the raw body. Raises FetchError only."""
         headers = {"Accept": "application/json", **(self.headers or {})}
         secrets = [v for v in (self.headers or {}).values() if len(v) >= 4]
+        for name, value in (self.headers or {}).items():
+            # Checked here, before an HTTP library echoes a bad value (a key read from a file
+            # with its newline, say) into an exception message.
+            if not (value.isascii() and value.isprintable()):
+                raise FetchError(
+                    f"control plane header {name!r} does not hold a valid header value "
+                    "(printable ASCII)",
+                    "auth",
+                )
         if self.api_key_env is not None:
             key = os.environ.get(self.api_key_env, "").strip()
             if not key:
@@ -118,6 +127,10 @@ class ControlPlaneSource:
         except httpx.HTTPError as exc:
             detail = _redact(f"{type(exc).__name__}: {exc}", secrets)
             raise FetchError(detail[:300], "connection") from None
+        except (ValueError, UnicodeError) as exc:  # the text may quote a header: leave it out
+            raise FetchError(
+                f"the request could not be sent ({type(exc).__name__})", "connection"
+            ) from None
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
