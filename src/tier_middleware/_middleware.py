@@ -626,12 +626,21 @@ class _Attempt:
             return {"type": "http.request", "body": ex.body, "more_body": False}
         return await ex._receive_live()
 
+    async def _forward(self, message: Message) -> None:
+        try:
+            await self.exchange.send(message)
+        except Exception:
+            # The server's send fails once the client has gone (ASGI 2.4: OSError): whatever
+            # the app makes of that, it is no provider failure.
+            self.exchange.disconnected = True
+            raise
+
     async def send(self, message: Message) -> None:
         if message["type"] != "http.response.start":
             if self.next is None:
                 if self.tap is not None and message["type"] == "http.response.body":
                     self.tap.feed(message.get("body", b""))
-                await self.exchange.send(message)
+                await self._forward(message)
             return  # draining a response that will be retried
         ex = self.exchange
         sel = self.selection
@@ -659,7 +668,7 @@ class _Attempt:
         ]
         self.tap = UsageTap.for_response(status, out)
         self.started = True
-        await ex.send({**message, "headers": out})
+        await self._forward({**message, "headers": out})
 
 
 def _content_length(value: bytes | None) -> int | None:

@@ -46,6 +46,9 @@ class State:
         self._down_until = 0.0  # monotonic; the store is skipped until then
         self._failing = False  # inside a failure streak (logged once)
         self._synced_at = -float("inf")
+        # Written in process while the backend failed: reconciled once it answers again.
+        self._local_sessions = False
+        self._pending_failures: set[tuple[str, str]] = set()
 
     # -- the backend's availability --------------------------------------------------------------
 
@@ -84,15 +87,26 @@ class State:
             try:
                 if self.shared_health and self._sync_due():
                     record, snapshot = await store.get_session_and_health(key, self.session_ttl)
-                    self._merge(snapshot)
+                    await self._merge(store, snapshot)
                 else:
                     record = await store.get_session(key, self.session_ttl)
             except StoreError as exc:
                 self._failed("get_session", exc)
             else:
                 self._ok()
+                if self._local_sessions:
+                    record = await self._newer_local(key, record)
                 return record
         return await self.local.get_session(key, self.session_ttl)
+
+    async def _newer_local(self, key: str, record: SessionRecord | None) -> SessionRecord | None:
+        """A session moved in process during an outage is newer than the backend's copy: it
+        wins (a tier never goes back down) and is written back."""
+        local = await self.local.get_session(key, self.session_ttl)
+        if local is None or (record is not None and record.updated_at >= local.updated_at):
+            return record
+        await self.save_session(key, local)
+        return local
 
     async def save_session(self, key: str, record: SessionRecord) -> None:
         store = self._usable()
@@ -104,6 +118,8 @@ class State:
             else:
                 self._ok()
                 return
+        if self.store is not None:
+            self._local_sessions = True
         await self.local.put_session(key, record, self.session_ttl)
 
     async def session_count(self) -> int | None:
@@ -125,9 +141,35 @@ class State:
         self._synced_at = now
         return True
 
-    def _merge(self, snapshot: dict[tuple[str, str], tuple[int, float]]) -> None:
+    async def _merge(
+        self, store: Store, snapshot: dict[tuple[str, str], tuple[int, float]]
+    ) -> None:
+        if self._pending_failures:
+            snapshot = await self._push_pending(store, snapshot)
         offset = self.health.clock() - self.wall_clock()
         self.health.merge(snapshot, offset, complete=True)
+
+    async def _push_pending(
+        self, store: Store, snapshot: dict[tuple[str, str], tuple[int, float]]
+    ) -> dict[tuple[str, str], tuple[int, float]]:
+        """Tell the fleet about failures seen while the backend was unreachable, so that the
+        first complete snapshot after an outage does not put those models back in rotation."""
+        pending, self._pending_failures = self._pending_failures, set()
+        merged = dict(snapshot)
+        cfg = self.health.config
+        for provider, model in pending:
+            remaining = self.health.backoff_remaining(provider, model)
+            if not remaining:
+                continue  # over already (or it succeeded since)
+            try:
+                merged[(provider, model)] = await store.record_failure(
+                    provider, model, cfg, remaining, self.wall_clock()
+                )
+            except StoreError as exc:
+                self._pending_failures |= pending
+                self._failed("record_failure", exc)
+                break
+        return merged
 
     async def sync_health(self) -> None:
         """Refresh the local copy of fleet health when it is older than `sync_interval`."""
@@ -142,13 +184,16 @@ class State:
             self._failed("health_snapshot", exc)
         else:
             self._ok()
-            self._merge(snapshot)
+            await self._merge(store, snapshot)
 
     async def failure(self, sel: Selection, retry_after: float | None) -> None:
         health = self.health
         health.record_failure(sel.provider, sel.model, retry_after)
-        store = self._usable() if self.shared_health else None
+        if not self.shared_health:
+            return
+        store = self._usable()
         if store is None:
+            self._pending_failures.add(sel.key)
             return
         cfg = health.config
         jitter = 1.0 + cfg.jitter * (2.0 * health.random() - 1.0) if cfg.jitter else 1.0
@@ -158,6 +203,7 @@ class State:
             )
             await store.release_probe(sel.provider, sel.model)
         except StoreError as exc:
+            self._pending_failures.add(sel.key)
             self._failed("record_failure", exc)
             return
         self._ok()
