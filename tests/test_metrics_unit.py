@@ -296,14 +296,21 @@ def test_duration_histogram(registry: CollectorRegistry) -> None:
     assert buckets[math.inf] == 5.0
 
 
-def test_recording_caches_the_labelled_children(registry: CollectorRegistry) -> None:
+def test_recording_keeps_one_series_per_label_set(registry: CollectorRegistry) -> None:
     metrics = Metrics.for_registry(registry)
     sel = selection("simple", "openai", "gpt-4o-mini")
-    metrics.selection(sel)
-    child = metrics._selections[("simple", "openai", "gpt-4o-mini")]
-    metrics.selection(sel)
-    assert metrics._selections[("simple", "openai", "gpt-4o-mini")] is child
-    assert len(metrics._selections) == 1
+    for _ in range(3):
+        metrics.selection(sel)
+    samples = [
+        s
+        for f in registry.collect()
+        if f.name == "llm_model_selections"
+        for s in f.samples
+        if s.name == "llm_model_selections_total"
+    ]
+    assert [(s.labels, s.value) for s in samples] == [
+        ({"tier": "simple", "provider": "openai", "model": "gpt-4o-mini"}, 3.0)
+    ]
 
 
 # -- usage and cost -------------------------------------------------------------------------------

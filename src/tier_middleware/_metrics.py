@@ -4,8 +4,8 @@ Starlette builds a middleware stack more than once and tests build many apps in 
 `Metrics.for_registry` hands out the same instance for the same registry and namespace instead of
 registering the series again (which prometheus-client refuses with "Duplicated timeseries").
 
-Every recording method caches the labelled child in a dict keyed by the label tuple: after the
-first call for a label set, recording is one dict lookup and one `inc`/`observe`.
+Counters and the latency histogram are plain dicts keyed by label tuples, exported by collectors
+when scraped: recording is one dict update, no lock and no label validation.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import contextlib
 import logging
 import threading
 import weakref
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, make_asgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from ._router import Selection, TierRouter
@@ -99,6 +100,66 @@ class _HealthCollector:
         yield family
 
 
+class _Counters:
+    """A counter family kept as a plain dict and turned into samples when scraped.
+
+    prometheus-client's labelled children take a lock and a few calls per increment; requests
+    are recorded from the event loop, so a dict update is all the hot path needs. The scrape
+    (possibly from another thread) reads a snapshot of the dict.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labels)]
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, value in list(self.values.items()):
+            family.add_metric(key, value)
+        return [family]
+
+
+class _Histograms:
+    """A histogram family: per label set, bucket counts, a sum and a count."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.bounds = buckets
+        # per label set: [count in each bucket (not cumulative) ..., +Inf bucket, sum]
+        self.values: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        row = self.values.get(key)
+        if row is None:
+            row = self.values[key] = [0.0] * (len(self.bounds) + 2)
+        row[bisect_left(self.bounds, value)] += 1
+        row[-1] += value
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labels)]
+
+    def collect(self) -> list[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        edges = [*(str(float(b)) for b in self.bounds), "+Inf"]
+        for key, row in list(self.values.items()):
+            row = list(row)
+            buckets, total = [], 0.0
+            for edge, count in zip(edges, row[:-1], strict=True):
+                total += count
+                buckets.append((edge, total))
+            family.add_metric(list(key), buckets, row[-1])
+        return [family]
+
+
 class Metrics:
     """The package's Prometheus series. Get one with `Metrics.for_registry`."""
 
@@ -128,98 +189,78 @@ class Metrics:
         """Registers every series in `registry`; use `for_registry` rather than calling this,
         which raises "Duplicated timeseries" the second time for the same registry."""
         self.namespace = namespace
-        # Not registered yet: on any failure below, what was registered is unregistered again.
-        ns = namespace
-        self.tier_requests = Counter(
-            "tier_requests", "Requests that asked for a tier", ["tier"], namespace=ns, registry=None
-        )
-        self.model_selections = Counter(
+
+        def counters(name: str, documentation: str, *labels: str) -> _Counters:
+            return _Counters(_full_name(namespace, name), documentation, labels)
+
+        self.tier_requests = counters("tier_requests", "Requests that asked for a tier", "tier")
+        self.model_selections = counters(
             "model_selections",
             "Models chosen for a request, retries included",
-            ["tier", "provider", "model"],
-            namespace=ns,
-            registry=None,
+            "tier",
+            "provider",
+            "model",
         )
-        self.provider_failures = Counter(
+        self.provider_failures = counters(
             "provider_failures",
             "Attempts that failed and counted against the model's health",
-            ["provider", "model"],
-            namespace=ns,
-            registry=None,
+            "provider",
+            "model",
         )
-        self.model_retries = Counter(
+        self.model_retries = counters(
             "model_retries",
             "Requests retried on another model after a failure",
-            ["tier", "failed_model", "retry_model"],
-            namespace=ns,
-            registry=None,
+            "tier",
+            "failed_model",
+            "retry_model",
         )
-        self.provider_health = _HealthCollector(_full_name(ns, "provider_health"))
-        self.tier_unavailable = Counter(
+        self.provider_health = _HealthCollector(_full_name(namespace, "provider_health"))
+        self.tier_unavailable = counters(
             "tier_unavailable",
             "Requests answered 503 because no model of the tier was available",
-            ["tier"],
-            namespace=ns,
-            registry=None,
+            "tier",
         )
-        self.request_duration = Histogram(
-            "request_duration_seconds",
+        self.request_duration = _Histograms(
+            _full_name(namespace, "request_duration_seconds"),
             "Time from forwarding an attempt to the start of its response",
-            ["tier", "provider", "model"],
-            namespace=ns,
-            registry=None,
-            buckets=DURATION_BUCKETS,
+            ("tier", "provider", "model"),
+            DURATION_BUCKETS,
         )
-        self.session_upgrades = Counter(
-            "session_upgrades",
-            "Sessions moved to a more capable tier",
-            ["from_tier", "to_tier"],
-            namespace=ns,
-            registry=None,
+        self.session_upgrades = counters(
+            "session_upgrades", "Sessions moved to a more capable tier", "from_tier", "to_tier"
         )
-        self.backend_errors = Counter(
-            "backend_errors",
-            "Errors from the session or config backend",
-            ["backend", "operation"],
-            namespace=ns,
-            registry=None,
+        self.backend_errors = counters(
+            "backend_errors", "Errors from the session or config backend", "backend", "operation"
         )
-        self.config_refreshes = Counter(
-            "config_refreshes",
-            "Attempts to refresh the tier configuration, by result",
-            ["result"],
-            namespace=ns,
-            registry=None,
+        self.config_refreshes = counters(
+            "config_refreshes", "Attempts to refresh the tier configuration, by result", "result"
         )
         self.config_info_gauge = Gauge(
             "config_info",
             "The tier configuration in use: 1 for its version",
             ["version"],
-            namespace=ns,
+            namespace=namespace,
             registry=None,
         )
-        self.tokens = Counter(
+        self.tokens = counters(
             "tokens",
             "Tokens reported by the provider, by kind (input or output)",
-            ["tier", "provider", "model", "kind"],
-            namespace=ns,
-            registry=None,
+            "tier",
+            "provider",
+            "model",
+            "kind",
         )
-        self.cost_usd = Counter(
+        self.cost_usd = counters(
             "cost_usd",
             "Cost in US dollars from reported tokens and the configured prices",
-            ["tier", "provider", "model"],
-            namespace=ns,
-            registry=None,
+            "tier",
+            "provider",
+            "model",
         )
-        self.retries_over_budget = Counter(
-            "retries_over_budget",
-            "Retries skipped because the retry budget was spent",
-            ["tier"],
-            namespace=ns,
-            registry=None,
+        self.retries_over_budget = counters(
+            "retries_over_budget", "Retries skipped because the retry budget was spent", "tier"
         )
-        collectors = (
+        collectors: tuple[Any, ...] = (
             self.tier_requests,
             self.model_selections,
             self.provider_failures,
@@ -244,82 +285,49 @@ class Metrics:
             for collector in registered:
                 registry.unregister(collector)
             raise
-
         self._lock = threading.Lock()
         self._config_version: str | None = None
-        self._requests: dict[str, Counter] = {}
-        self._selections: dict[tuple[str, str, str], Counter] = {}
-        self._failures: dict[tuple[str, str], Counter] = {}
-        self._retries: dict[tuple[str, str, str], Counter] = {}
-        self._unavailable: dict[str, Counter] = {}
-        self._durations: dict[tuple[str, str, str], Histogram] = {}
-        self._upgrades: dict[tuple[str, str], Counter] = {}
-        self._backend_errors: dict[tuple[str, str], Counter] = {}
-        self._refreshes: dict[str, Counter] = {}
-        self._usage: dict[tuple[str, str, str], tuple[Counter, Counter, Counter]] = {}
-        self._over_budget: dict[str, Counter] = {}
+        # The dicts behind the hot-path counters, bound once.
+        self._requests = self.tier_requests.values
+        self._selections = self.model_selections.values
+        self._failures = self.provider_failures.values
+        self._tokens = self.tokens.values
+        self._cost = self.cost_usd.values
 
     # -- recording (hot path) -----------------------------------------------------------------
 
+    @staticmethod
+    def _add(values: dict[tuple[str, ...], float], key: tuple[str, ...], amount: float) -> None:
+        values[key] = values.get(key, 0.0) + amount
+
     def request(self, tier: str) -> None:
-        child = self._requests.get(tier)
-        if child is None:
-            child = self._requests[tier] = self.tier_requests.labels(tier)
-        child.inc()
+        key = (tier,)
+        self._requests[key] = self._requests.get(key, 0.0) + 1.0
 
     def selection(self, sel: Selection) -> None:
-        key = (sel.tier, sel.provider, sel.model)
-        child = self._selections.get(key)
-        if child is None:
-            child = self._selections[key] = self.model_selections.labels(*key)
-        child.inc()
+        key = sel.labels
+        self._selections[key] = self._selections.get(key, 0.0) + 1.0
 
     def failure(self, sel: Selection) -> None:
-        key = (sel.provider, sel.model)
-        child = self._failures.get(key)
-        if child is None:
-            child = self._failures[key] = self.provider_failures.labels(*key)
-        child.inc()
+        self._add(self._failures, (sel.provider, sel.model), 1.0)
 
     def retry(self, tier: str, failed_model: str, retry_model: str) -> None:
-        key = (tier, failed_model, retry_model)
-        child = self._retries.get(key)
-        if child is None:
-            child = self._retries[key] = self.model_retries.labels(*key)
-        child.inc()
+        self._add(self.model_retries.values, (tier, failed_model, retry_model), 1.0)
 
     def unavailable(self, tier: str) -> None:
-        child = self._unavailable.get(tier)
-        if child is None:
-            child = self._unavailable[tier] = self.tier_unavailable.labels(tier)
-        child.inc()
+        self._add(self.tier_unavailable.values, (tier,), 1.0)
 
     def duration(self, sel: Selection, seconds: float) -> None:
-        key = (sel.tier, sel.provider, sel.model)
-        child = self._durations.get(key)
-        if child is None:
-            child = self._durations[key] = self.request_duration.labels(*key)
-        child.observe(seconds)
+        self.request_duration.observe(sel.labels, seconds)
 
     def session_upgrade(self, from_tier: str, to_tier: str) -> None:
-        key = (from_tier, to_tier)
-        child = self._upgrades.get(key)
-        if child is None:
-            child = self._upgrades[key] = self.session_upgrades.labels(*key)
-        child.inc()
+        self._add(self.session_upgrades.values, (from_tier, to_tier), 1.0)
 
     def backend_error(self, backend: str, operation: str) -> None:
-        key = (backend, operation)
-        child = self._backend_errors.get(key)
-        if child is None:
-            child = self._backend_errors[key] = self.backend_errors.labels(*key)
-        child.inc()
+        self._add(self.backend_errors.values, (backend, operation), 1.0)
 
     def config_refresh(self, result: str) -> None:
-        child = self._refreshes.get(result)
-        if child is None:
-            child = self._refreshes[result] = self.config_refreshes.labels(result)
-        child.inc()
+        self._add(self.config_refreshes.values, (result,), 1.0)
 
     def config_info(self, version: str) -> None:
         """Mark `version` as the configuration in use: its series is 1, the previous one's goes."""
@@ -337,29 +345,22 @@ class Metrics:
 
     def usage(self, sel: Selection, input_tokens: int, output_tokens: int) -> None:
         """Add the tokens of one response, and their cost at the prices of `sel.config`."""
-        key = (sel.tier, sel.provider, sel.model)
-        children = self._usage.get(key)
-        if children is None:
-            children = self._usage[key] = (
-                self.tokens.labels(*key, "input"),
-                self.tokens.labels(*key, "output"),
-                self.cost_usd.labels(*key),
-            )
+        tier, provider, model = key = sel.labels
         input_tokens = max(input_tokens, 0)
         output_tokens = max(output_tokens, 0)
+        tokens = self._tokens
+        self._add(tokens, (tier, provider, model, "input"), input_tokens)
+        self._add(tokens, (tier, provider, model, "output"), output_tokens)
         config = sel.config
-        children[0].inc(input_tokens)
-        children[1].inc(output_tokens)
-        children[2].inc(
+        self._add(
+            self._cost,
+            key,
             input_tokens * config.input_price_per_million / 1e6
-            + output_tokens * config.output_price_per_million / 1e6
+            + output_tokens * config.output_price_per_million / 1e6,
         )
 
     def over_budget(self, tier: str) -> None:
-        child = self._over_budget.get(tier)
-        if child is None:
-            child = self._over_budget[tier] = self.retries_over_budget.labels(tier)
-        child.inc()
+        self._add(self.retries_over_budget.values, (tier,), 1.0)
 
     def watch(self, router: TierRouter) -> None:
         """Report `router`'s models in `<ns>_provider_health` for as long as the router lives."""

@@ -120,6 +120,7 @@ class TierRoutingMiddleware:
         self.budget = RetryBudget(retry_budget, retry_budget_min)
         # Request headers the app must not see from the client: ours are set by the middleware.
         self.request_drop = _OWN_HEADERS | {self.tier_header}
+        self.request_drop_rewritten = self.request_drop | _BODY_FRAMING
         self.routes = RouteTable(routes)
         self.metrics = Metrics.for_registry(registry, metrics_namespace)
 
@@ -272,9 +273,10 @@ class _Exchange:
             if tier is None:
                 await self.mw.app(self.scope, self._replaying(), self.send)
                 return
-            router = await self._router()
+            router = self.mw.router or await self._first_config()
             self.tier = self._check_tier(tier, router)
-            await self._authorize(self.tier)
+            if self.mw.authorize is not None:
+                await self._authorize(self.tier)
             await self._route(router)
         except TierError as err:
             await err.send(self.send)
@@ -365,7 +367,8 @@ class _Exchange:
                 403, "tier_not_allowed", f"this caller may not use tier {tier!r}", param="tier"
             )
 
-    async def _router(self) -> TierRouter:
+    async def _first_config(self) -> TierRouter:
+        """Wait (up to `config_timeout`) for a first config from the control plane."""
         mw = self.mw
         if mw.router is None:
             await mw.configs.ready(mw.config_timeout)
@@ -379,8 +382,28 @@ class _Exchange:
         return mw.router
 
     async def _buffer(self, strict: bool) -> None:
+        limit = self.mw.max_body_bytes
+        first = await self.receive()
+        if first["type"] == "http.request" and not first.get("more_body", False):
+            body = first.get("body", b"")  # the whole body in one message: the common case
+            if len(body) > limit:
+                if strict:
+                    raise _too_large(limit)
+                self.buffered = [body]
+                self.complete = True
+                return
+            self.body = body
+            self.buffered = [body]
+            return
+        pending = [first]
+
+        async def receive() -> Message:
+            return pending.pop() if pending else await self._receive_live()
+
+        if first["type"] == "http.disconnect":
+            self.disconnected = True
         try:
-            self.body = await read_body(self._receive_live, self.mw.max_body_bytes)
+            self.body = await read_body(receive, limit)
         except BodyTooLarge as exc:
             if strict:
                 raise _too_large(self.mw.max_body_bytes) from None
@@ -439,6 +462,8 @@ class _Exchange:
                 if selection.tier != self.tier:  # a session never goes down a tier
                     self.tier = selection.tier
                     await self._authorize(self.tier)
+            elif router.probe_lease is None:
+                selection = router.select_now(self.tier)
             else:
                 await state.sync_health()
                 selection = await router.select(self.tier)
@@ -490,7 +515,8 @@ class _Exchange:
         await self.mw.state.save_session(key, record)
 
     def _base_headers(self) -> Headers:
-        drop = self.mw.request_drop | _BODY_FRAMING if self.rewrite else self.mw.request_drop
+        mw = self.mw
+        drop = mw.request_drop_rewritten if self.rewrite else mw.request_drop
         return [(k, v) for k, v in self.scope["headers"] if k.lower() not in drop]
 
     async def alternative(self, tried: list[Key]) -> Selection | None:
@@ -605,11 +631,7 @@ class _Attempt:
             data[ex.mw.model_field] = sel.model
             ex.body = ex.payload.dumps()
             headers.append((b"content-length", str(len(ex.body)).encode()))
-        headers += [
-            (b"x-tier", sel.tier.encode()),
-            (b"x-tier-provider", sel.provider.encode()),
-            (b"x-tier-model", sel.model.encode()),
-        ]
+        headers += sel.headers
         scope = dict(ex.scope)
         scope["headers"] = headers
         # scope["state"] is shared by reference: each attempt gets its own copy.
@@ -656,17 +678,26 @@ class _Attempt:
                     return
         elif status < 400:
             self.recorded = True
-            await mw.state.success(sel)
+            if mw.state.shared_health:
+                await mw.state.success(sel)
+            else:
+                mw.health.record_success(sel.provider, sel.model)
         else:  # the caller's fault: says nothing about the model
             await self._release()
-        out: Headers = [(k, v) for k, v in headers if k.lower() not in _OWN_HEADERS]
-        out += [
-            (b"x-tier", sel.tier.encode()),
-            (b"x-tier-provider", sel.provider.encode()),
-            (b"x-tier-model", sel.model.encode()),
-            (b"x-tier-attempts", str(ex.attempts).encode()),
-        ]
-        self.tap = UsageTap.for_response(status, out)
+        out: Headers = []
+        content_type = encoding = None
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered in _OWN_HEADERS:
+                continue
+            if lowered == b"content-type":
+                content_type = value
+            elif lowered == b"content-encoding":
+                encoding = value
+            out.append((name, value))
+        out += sel.headers
+        out.append((b"x-tier-attempts", str(ex.attempts).encode()))
+        self.tap = UsageTap.for_content_type(status, content_type, encoding)
         self.started = True
         await self._forward({**message, "headers": out})
 

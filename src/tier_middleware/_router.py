@@ -6,7 +6,7 @@ import math
 import random
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 from ._config import ModelConfig, TierConfig
@@ -42,10 +42,24 @@ class Selection:
     provider: str
     model: str
     config: ModelConfig
+    # Derived once, since a selection is reused by every request it serves.
+    key: Key = field(init=False, repr=False, compare=False)
+    labels: tuple[str, str, str] = field(init=False, repr=False, compare=False)
+    headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> Key:
-        return (self.provider, self.model)
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "key", (self.provider, self.model))
+        set_(self, "labels", (self.tier, self.provider, self.model))
+        set_(
+            self,
+            "headers",
+            (
+                (b"x-tier", self.tier.encode()),
+                (b"x-tier-provider", self.provider.encode()),
+                (b"x-tier-model", self.model.encode()),
+            ),
+        )
 
 
 class _Pool:

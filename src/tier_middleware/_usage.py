@@ -123,6 +123,28 @@ class UsageTap:
             return None
         if media is None or encoded:
             return None
+        return UsageTap._for_media(media)
+
+    @staticmethod
+    def for_content_type(
+        status: int, content_type: bytes | None, content_encoding: bytes | None
+    ) -> UsageTap | None:
+        """`for_response` for a caller that already picked the two headers out (the middleware
+        does while copying them): no other header is looked at."""
+        if not 200 <= status < 300 or content_type is None:
+            return None
+        if content_encoding is not None and content_encoding.strip().lower() not in (
+            b"",
+            b"identity",
+        ):
+            return None
+        if content_type == b"application/json":  # by far the most common: no decoding
+            return JsonUsageTap()
+        media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
+        return UsageTap._for_media(media)
+
+    @staticmethod
+    def _for_media(media: str) -> UsageTap | None:
         if media == "text/event-stream":
             return SseUsageTap()
         if media == "application/json" or (
@@ -175,9 +197,12 @@ class JsonUsageTap(UsageTap):
             self._done = True
             chunks = self._chunks
             self._chunks = None
-            if chunks:
+            body = b"".join(chunks) if chunks else b""
+            counts = None
+            # Most replies without usage are skipped without parsing ("usage", "usageMetadata").
+            if b'"usage' in body:
                 try:
-                    counts = _usage_of(orjson.loads(b"".join(chunks)))
+                    counts = _usage_of(orjson.loads(body))
                 except Exception:
                     counts = None
                 if counts is not None:
