@@ -844,7 +844,7 @@ def _stages() -> None:
         return found, content_type, length, chunked, session
 
     def checks() -> None:
-        ex._check_tier("simple", _drive(ex._router()))
+        ex._check_tier("simple", mw.router)
 
     def select() -> None:
         s = _drive(router.select("simple"))
@@ -887,7 +887,7 @@ def _stages() -> None:
             "   of which body_tiers + agree",
             lambda: _best_us(lambda: agree(body_tiers(payload, "tier", "model"))),
         ),
-        _row("_router() + _check_tier", lambda: _best_us(checks)),
+        _row("_check_tier", lambda: _best_us(checks)),
         _row("state.sync_health()", lambda: _best_us(lambda: _drive(mw.state.sync_health()))),
         _row("router.select (async) + health.record_success", lambda: _best_us(select)),
         _row(

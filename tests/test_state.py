@@ -352,3 +352,34 @@ async def test_a_fleet_asks_the_control_plane_once_per_ttl(
         for mw in fleet:
             assert (await ask(mw, "simple")).status == 200
         assert plane.hits == 1
+
+
+@pytest.mark.redis
+async def test_resources_open_lazily_and_close_at_lifespan_shutdown(
+    redis_server: RedisServer,
+) -> None:
+    from asgi_lifespan import LifespanManager
+    from starlette.applications import Starlette
+
+    def clients() -> int:
+        return int(redis_server.command("INFO", "clients")["connected_clients"])
+
+    app = Starlette()
+    app.add_middleware(
+        TierRoutingMiddleware, config=CONFIG, routes=[ROUTE], redis_url=redis_server.url
+    )
+    baseline = clients()
+    async with LifespanManager(app):
+        assert clients() == baseline  # nothing opened before it is needed
+        mw = app.middleware_stack
+        while not isinstance(mw, TierRoutingMiddleware):
+            mw = mw.app  # type: ignore[union-attr]
+        await mw.state.save_session("k", _record())
+        assert clients() == baseline + 1
+    assert clients() == baseline  # closed when the app shut down
+
+
+def _record() -> Any:
+    from tier_middleware._stores import SessionRecord
+
+    return SessionRecord("openai", "mini", "simple", 1.0, 1.0)
