@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 from ._router import Selection, TierRouter
-from ._types import ASGIApp, Receive, Scope, Send
+from ._types import ASGIApp, Receive, Scope, Send, other_scope
 
 logger = logging.getLogger("tier_middleware")
 
@@ -373,19 +373,10 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
     serve: ASGIApp = make_asgi_app(registry if registry is not None else REGISTRY)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
+        if scope["type"] == "http":
             await serve(scope, receive, send)
-        elif kind == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1000})
+        else:
+            await other_scope(scope["type"], receive, send)
 
     return app
 

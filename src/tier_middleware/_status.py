@@ -14,7 +14,7 @@ import anyio
 import orjson
 
 from ._router import TierRouter
-from ._types import ASGIApp, Receive, Scope, Send
+from ._types import ASGIApp, Receive, Scope, Send, other_scope
 
 logger = logging.getLogger("tier_middleware")
 
@@ -138,19 +138,8 @@ def status_app(*sources: StatusSource, session_timeout: float = SESSION_COUNT_TI
     fixed = list(sources)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if kind == "websocket":
-            await send({"type": "websocket.close", "code": 1000})
-            return
-        if kind != "http":
+        if scope["type"] != "http":
+            await other_scope(scope["type"], receive, send)
             return
         method = scope.get("method", "GET")
         if method not in ("GET", "HEAD"):
