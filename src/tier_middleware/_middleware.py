@@ -662,7 +662,11 @@ class _Attempt:
             if self.next is None:
                 if self.tap is not None and message["type"] == "http.response.body":
                     self.tap.feed(message.get("body", b""))
-                await self._forward(message)
+                try:  # _forward, inlined: body chunks are the most frequent message
+                    await self.exchange.send(message)
+                except Exception:
+                    self.exchange.disconnected = True
+                    raise
             return  # draining a response that will be retried
         ex = self.exchange
         sel = self.selection
