@@ -293,6 +293,7 @@ class Metrics:
         self._failures = self.provider_failures.values
         self._tokens = self.tokens.values
         self._cost = self.cost_usd.values
+        self._token_keys: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     # -- recording (hot path) -----------------------------------------------------------------
 
@@ -345,19 +346,23 @@ class Metrics:
 
     def usage(self, sel: Selection, input_tokens: int, output_tokens: int) -> None:
         """Add the tokens of one response, and their cost at the prices of `sel.config`."""
-        tier, provider, model = key = sel.labels
         input_tokens = max(input_tokens, 0)
         output_tokens = max(output_tokens, 0)
         tokens = self._tokens
-        self._add(tokens, (tier, provider, model, "input"), input_tokens)
-        self._add(tokens, (tier, provider, model, "output"), output_tokens)
+        keys = self._token_keys.get(sel.labels)
+        if keys is None:
+            keys = self._token_keys[sel.labels] = (
+                (*sel.labels, "input"),
+                (*sel.labels, "output"),
+            )
+        tokens[keys[0]] = tokens.get(keys[0], 0.0) + input_tokens
+        tokens[keys[1]] = tokens.get(keys[1], 0.0) + output_tokens
         config = sel.config
-        self._add(
-            self._cost,
-            key,
-            input_tokens * config.input_price_per_million / 1e6
-            + output_tokens * config.output_price_per_million / 1e6,
-        )
+        cost = (
+            input_tokens * config.input_price_per_million
+            + output_tokens * config.output_price_per_million
+        ) / 1e6
+        self._cost[sel.labels] = self._cost.get(sel.labels, 0.0) + cost
 
     def over_budget(self, tier: str) -> None:
         self._add(self.retries_over_budget.values, (tier,), 1.0)

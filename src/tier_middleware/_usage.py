@@ -62,6 +62,14 @@ def _usage_of(obj: Any) -> Counts | None:
     result None when there is no usage object or it holds a bad value."""
     if not isinstance(obj, dict):
         return None
+    usage = obj.get("usage")
+    if type(usage) is dict:  # the common OpenAI shape, checked without the general search
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if type(prompt) is int and type(completion) is int:
+            if 0 <= prompt <= _MAX_TOKENS and 0 <= completion <= _MAX_TOKENS:
+                return prompt, completion
+            return None
     for holder in (obj, obj.get("message"), obj.get("response")):
         if not isinstance(holder, dict):
             continue
@@ -188,7 +196,8 @@ class JsonUsageTap(UsageTap):
             if self._size > self._limit:
                 self._chunks = None  # too big to be worth it: give up, free the memory
                 return
-            chunks.append(bytes(chunk))
+            # bytes are immutable: keep a reference; copy only a mutable buffer.
+            chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
         except Exception:
             self._chunks = None
 
@@ -197,7 +206,7 @@ class JsonUsageTap(UsageTap):
             self._done = True
             chunks = self._chunks
             self._chunks = None
-            body = b"".join(chunks) if chunks else b""
+            body = (chunks[0] if len(chunks) == 1 else b"".join(chunks)) if chunks else b""
             counts = None
             # Most replies without usage are skipped without parsing ("usage", "usageMetadata").
             if b'"usage' in body:
