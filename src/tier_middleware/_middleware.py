@@ -395,15 +395,10 @@ class _Exchange:
             self.body = body
             self.buffered = [body]
             return
-        pending = [first]
-
-        async def receive() -> Message:
-            return pending.pop() if pending else await self._receive_live()
-
         if first["type"] == "http.disconnect":
             self.disconnected = True
         try:
-            self.body = await read_body(receive, limit)
+            self.body = await read_body(self._then_live(first), limit)
         except BodyTooLarge as exc:
             if strict:
                 raise _too_large(self.mw.max_body_bytes) from None
@@ -425,13 +420,14 @@ class _Exchange:
         """`receive` for an unrouted request: what was read first, then the live stream."""
         if self.buffered is None:
             return self.receive
-        pending = [
-            {
-                "type": "http.request",
-                "body": b"".join(self.buffered),
-                "more_body": not self.complete,
-            }
-        ]
+        body = b"".join(self.buffered)
+        return self._then_live(
+            {"type": "http.request", "body": body, "more_body": not self.complete}
+        )
+
+    def _then_live(self, message: Message) -> Receive:
+        """A `receive` that hands out `message` once, then the live stream."""
+        pending = [message]
 
         async def receive() -> Message:
             return pending.pop() if pending else await self._receive_live()
@@ -662,11 +658,7 @@ class _Attempt:
             if self.next is None:
                 if self.tap is not None and message["type"] == "http.response.body":
                     self.tap.feed(message.get("body", b""))
-                try:  # _forward, inlined: body chunks are the most frequent message
-                    await self.exchange.send(message)
-                except Exception:
-                    self.exchange.disconnected = True
-                    raise
+                await self._forward(message)
             return  # draining a response that will be retried
         ex = self.exchange
         sel = self.selection
