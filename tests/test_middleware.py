@@ -547,11 +547,14 @@ def test_config_can_be_a_tierconfig_or_a_file(tmp_path: Any) -> None:
     assert from_file.config == from_obj.config
 
 
-async def test_json_nested_past_orjsons_writer_still_reaches_the_app() -> None:
+def nested_body(depth: int) -> bytes:
+    return b'{"tier": "simple", "a": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+async def test_deeply_nested_json_still_reaches_the_app() -> None:
     mw, provider = make()
-    depth = 600  # orjson reads 1024 levels but writes only 254
-    body = b'{"tier": "simple", "a": ' + b"[" * depth + b"]" * depth + b"}"
-    result = await call(mw, body)
+    depth = 600
+    result = await call(mw, nested_body(depth))
     assert result.status == 200
     received = json.loads(provider.calls[0]["body"])
     assert received["model"] in SIMPLE
@@ -561,8 +564,78 @@ async def test_json_nested_past_orjsons_writer_still_reaches_the_app() -> None:
     assert nested == []
 
 
+async def test_json_nested_past_every_parser_is_a_400_not_a_500() -> None:
+    mw, provider = make()
+    result = await call(mw, nested_body(100_000))
+    assert result.status == 400
+    assert result.json()["error"]["code"] == "invalid_json"
+    assert provider.calls == []
+
+
+async def test_nested_values_reach_the_app_byte_for_byte() -> None:
+    # Only the top level is rewritten: numbers past 64 bits, float spellings, escapes and
+    # spacing inside nested values are what the client sent, not a parser's re-rendering.
+    nested = (
+        b'{"n": 123456789012345678901234567890, "f": 1.0E+2, "z": -0.0, '
+        rb'"s": "caf\u00e9 \ud83d\ude00 \"q\"", "big": 1e400,  "a" : [ 1 ,2 ] }'
+    )
+    mw, provider = make()
+    body = b'{"tier": "simple", "seed": 18446744073709551617, "metadata": ' + nested + b"}"
+    result = await call(mw, body)
+    assert result.status == 200
+    received = provider.calls[0]["body"]
+    assert nested in received
+    assert b'"seed":18446744073709551617' in received
+    parsed = json.loads(received)
+    assert parsed["seed"] == 2**64 + 1
+    assert parsed["metadata"]["n"] == 123456789012345678901234567890
+    assert "tier" not in parsed
+    assert parsed["model"] in SIMPLE
+
+
+async def test_invalid_utf8_inside_a_nested_string_is_invalid_json() -> None:
+    mw, provider = make()
+    body = b'{"tier": "simple", "messages": [{"role": "user", "content": "caf\xe9 \xff"}]}'
+    result = await call(mw, body)
+    assert result.status == 400
+    assert result.json()["error"]["code"] == "invalid_json"
+    assert provider.calls == []
+
+
+async def test_utf8_text_in_nested_strings_reaches_the_app_unchanged() -> None:
+    mw, provider = make()
+    content = "caf\u00e9 \u00fc\u00df \u65e5\u672c \U0001f600"
+    body = json.dumps(
+        {"tier": "simple", "messages": [{"role": "user", "content": content}]},
+        ensure_ascii=False,
+    ).encode()
+    result = await call(mw, body)
+    assert result.status == 200
+    received = provider.calls[0]["body"]
+    assert content.encode() in received
+    assert json.loads(received)["messages"][0]["content"] == content
+
+
 async def test_body_crossing_the_cap_in_its_last_chunk_passes_through_complete() -> None:
     mw, provider = make(routes=None, max_body_bytes=100)
     big = b'{"pad": "' + b"x" * 150 + b'"}'
     await call(mw, [big[:60], big[60:]], path="/upload")  # the second chunk crosses and ends
     assert provider.calls[0]["body"] == big
+
+
+def test_a_member_nested_past_the_decoder_reads_as_its_container_kind() -> None:
+    import msgspec
+
+    from tier_middleware._body import Payload
+
+    deep = 50_000
+    payload = Payload(
+        {
+            "tier": msgspec.Raw(b"[" * deep + b"]" * deep),
+            "model": msgspec.Raw(b'{"a":' * deep + b"1" + b"}" * deep),
+        },
+        True,
+    )
+    assert payload.value("tier") == []
+    assert payload.value("model") == {}
+    assert payload.value("missing") is None

@@ -5,9 +5,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import orjson
+import msgspec
 
-from ._types import Message, Receive
+from ._types import Receive
+
+# Only the top level of a body is decoded: each member's value stays the exact bytes the client
+# sent (msgspec validates them while skipping). Nothing nested is turned into Python objects, so
+# the parse costs a fraction of a full one, and the app receives nested values byte for byte.
+_members = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_decode = msgspec.json.decode
+_encode = msgspec.json.Encoder().encode
+
+# JSON strings of model names, encoded once: the set of models is the config's, so it stays small.
+_string_cache: dict[str, msgspec.Raw] = {}
 
 
 class BodyTooLarge(Exception):
@@ -46,45 +56,65 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 
 class Payload:
-    """A parsed JSON object that is serialised back the way it was read.
+    """A JSON object body, its top-level members readable and replaceable.
 
-    orjson covers nearly every body; the stdlib parser takes what orjson refuses but JSON allows in
-    practice (integers past 64 bits, NaN, lone surrogates), and then also writes the result, so
-    nothing the app would have received is altered.
+    The fast form holds each member as raw JSON (`msgspec.Raw`); the stdlib form, for JSON msgspec
+    refuses but Python's parser takes (NaN, lone surrogates, very deep nesting), holds decoded
+    values and is written back by the stdlib too, so nothing the app would have received is lost.
     """
 
-    __slots__ = ("data", "stdlib")
+    __slots__ = ("members", "raw")
 
-    def __init__(self, data: dict[str, Any], stdlib: bool) -> None:
-        self.data = data
-        self.stdlib = stdlib
+    def __init__(self, members: dict[str, Any], raw: bool) -> None:
+        self.members = members
+        self.raw = raw
 
-    def dumps(self) -> bytes:
-        """The object as JSON; TooDeep when it nests deeper than any serialiser here goes."""
-        if not self.stdlib:
-            try:
-                return orjson.dumps(self.data)
-            except (TypeError, orjson.JSONEncodeError):  # orjson writes only 254 levels deep
-                pass
+    def value(self, name: str) -> Any:
+        """The decoded value of a top-level member; None when absent (or JSON null)."""
+        member = self.members.get(name)
+        if member is None or not self.raw:
+            return member
         try:
-            return json.dumps(self.data, separators=(",", ":")).encode()
-        except RecursionError:
-            raise TooDeep from None
+            return _decode(member)
+        except RecursionError:  # valid, but nested past what the decoder goes: an array or object
+            return [] if bytes(member).startswith(b"[") else {}
+
+    def rewrite(self, drop: str, name: str, text: str) -> bytes:
+        """The body without member `drop`, with member `name` set to the string `text`."""
+        members = self.members
+        members.pop(drop, None)
+        if not self.raw:
+            members[name] = text
+            try:
+                return json.dumps(members, separators=(",", ":")).encode()
+            except RecursionError:
+                raise TooDeep from None
+        encoded = _string_cache.get(text)
+        if encoded is None:
+            encoded = msgspec.Raw(_encode(text))
+            if len(_string_cache) < 4096:
+                _string_cache[text] = encoded
+        members[name] = encoded
+        return _encode(members)
 
 
 def parse_object(body: bytes) -> Payload | None:
     """The body as a JSON object, or None when it is not valid JSON or not an object."""
-    stdlib = False
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        members = _members.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    else:
+        # Skipped strings are checked for JSON syntax but not for UTF-8; JSON text must be UTF-8.
+        if body.isascii():
+            return Payload(members, True)
         try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
+            body.decode()
+        except UnicodeDecodeError:
             return None
-        stdlib = True
-    return Payload(data, stdlib) if isinstance(data, dict) else None
-
-
-def replay(body: bytes) -> Message:
-    return {"type": "http.request", "body": body, "more_body": False}
+        return Payload(members, True)
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return Payload(data, False) if isinstance(data, dict) else None

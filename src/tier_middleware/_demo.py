@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
 
 import httpx
-import orjson
+import msgspec
 from prometheus_client import CollectorRegistry
 
 from ._config import TierConfig
@@ -160,7 +160,7 @@ class FakeProviders:
             }
             await _respond(send, 503, {"error": error})
             return
-        request = orjson.loads(body)
+        request = msgspec.json.decode(body)
         model = str(request.get("model", "unknown"))
         prompt_tokens = sum(
             len(str(m.get("content", "")).split()) for m in request.get("messages", [])
@@ -190,7 +190,7 @@ class FakeProviders:
 
 
 async def _respond(send: Send, status: int, payload: dict[str, Any]) -> None:
-    body = orjson.dumps(payload)
+    body = msgspec.json.encode(payload)
     start: Message = {
         "type": "http.response.start",
         "status": status,

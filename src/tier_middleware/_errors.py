@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import orjson
+import msgspec
 
 from ._types import Headers, Send
 
@@ -33,7 +33,7 @@ class TierError(Exception):
 
     def body(self) -> bytes:
         error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return orjson.dumps({"error": error})
+        return msgspec.json.encode({"error": error})
 
     async def send(self, send: Send, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         body = self.body()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._body import Payload
 from ._errors import TierError, bad_request
 
 MAX_TIER_LENGTH = 64
@@ -66,11 +67,12 @@ def agree(found: list[tuple[str, str]]) -> str | None:
     return tier
 
 
-def body_tiers(data: dict[str, Any], tier_field: str, model_field: str) -> list[tuple[str, str]]:
+def body_tiers(payload: Payload, tier_field: str, model_field: str) -> list[tuple[str, str]]:
     found = []
-    if tier_field in data:
-        found.append(("body field '" + tier_field + "'", clean_tier(data[tier_field], "body")))
-    model_tier = tier_from_model(data.get(model_field))
+    if tier_field in payload.members:
+        tier = clean_tier(payload.value(tier_field), "body")
+        found.append(("body field '" + tier_field + "'", tier))
+    model_tier = tier_from_model(payload.value(model_field))
     if model_tier is not None:
         found.append(("model", model_tier))
     return found

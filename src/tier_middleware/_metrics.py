@@ -345,24 +345,33 @@ class Metrics:
             self._config_version = version
 
     def usage(self, sel: Selection, input_tokens: int, output_tokens: int) -> None:
-        """Add the tokens of one response, and their cost at the prices of `sel.config`."""
-        input_tokens = max(input_tokens, 0)
-        output_tokens = max(output_tokens, 0)
-        tokens = self._tokens
-        keys = self._token_keys.get(sel.labels)
+        """Add the tokens of one response (a negative count counts as 0), and their cost at the
+        prices of `sel.config`."""
+        if input_tokens < 0:
+            input_tokens = 0
+        if output_tokens < 0:
+            output_tokens = 0
+        labels = sel.labels
+        keys = self._token_keys.get(labels)
         if keys is None:
-            keys = self._token_keys[sel.labels] = (
-                (*sel.labels, "input"),
-                (*sel.labels, "output"),
-            )
-        tokens[keys[0]] = tokens.get(keys[0], 0.0) + input_tokens
-        tokens[keys[1]] = tokens.get(keys[1], 0.0) + output_tokens
+            keys = self._usage_keys(labels)
+        tokens = self._tokens
+        tokens[keys[0]] += input_tokens
+        tokens[keys[1]] += output_tokens
         config = sel.config
-        cost = (
+        self._cost[labels] += (
             input_tokens * config.input_price_per_million
             + output_tokens * config.output_price_per_million
         ) / 1e6
-        self._cost[sel.labels] = self._cost.get(sel.labels, 0.0) + cost
+
+    def _usage_keys(self, labels: tuple[str, str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The token series of a model, created at 0 the first time it reports usage."""
+        keys = ((*labels, "input"), (*labels, "output"))
+        for key in keys:
+            self._tokens.setdefault(key, 0.0)
+        self._cost.setdefault(labels, 0.0)
+        self._token_keys[labels] = keys
+        return keys
 
     def over_budget(self, tier: str) -> None:
         self._add(self.retries_over_budget.values, (tier,), 1.0)

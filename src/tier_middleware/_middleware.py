@@ -231,16 +231,18 @@ class _Exchange:
         "buffered",
         "complete",
         "disconnected",
+        "headers",
         "mw",
+        "named",
         "payload",
         "policy",
         "receive",
         "retries",
-        "rewrite",
         "scope",
         "send",
         "session_raw",
         "tier",
+        "tried",
     )
 
     def __init__(
@@ -259,25 +261,45 @@ class _Exchange:
         self.buffered: list[bytes] | None = None  # what was read from `receive`, None if nothing
         self.complete = True  # whether `buffered` is the whole body
         self.body = b""
-        self.payload: Payload | None = None
-        self.rewrite = False
+        self.payload: Payload | None = None  # set when the body is rewritten
         self.disconnected = False
+        self.headers: Headers = scope["headers"]
+        # The request headers by name, when every name is lowercase and appears once (what
+        # servers send); None otherwise, and the headers are then read one by one.
+        self.named: dict[bytes, bytes] | None = None
         self.attempts = 0
         self.tier = ""
         self.session_raw: bytes | None = None
         self.retries = 0  # retry-budget slots held
+        self.tried: list[Key] = []
 
     async def run(self) -> None:
+        mw = self.mw
         try:
             tier = await self._read_tier()
             if tier is None:
-                await self.mw.app(self.scope, self._replaying(), self.send)
+                await mw.app(self.scope, self._replaying(), self.send)
                 return
-            router = self.mw.router or await self._first_config()
-            self.tier = self._check_tier(tier, router)
-            if self.mw.authorize is not None:
-                await self._authorize(self.tier)
-            await self._route(router)
+            router = mw.router or await self._first_config()
+            self.tier = tier = self._check_tier(tier, router)
+            if mw.authorize is not None:
+                await self._authorize(tier)
+            decision: Decision | None = None
+            key = ""
+            try:
+                if self.session_raw is None and router.probe_lease is None:
+                    selection = router.select_now(tier)  # the common case: nothing to await
+                else:
+                    key, decision, selection = await self._select(router)
+            except NoHealthyModel as exc:
+                await self._unavailable(exc)
+                return
+            mw.metrics.request(self.tier)
+            if decision is not None and decision.upgraded_from is not None:
+                mw.metrics.session_upgrade(decision.upgraded_from, self.tier)
+            served = await self._call_app(selection)
+            if decision is not None and served is not None:
+                await self._save_session(key, decision, served)
         except TierError as err:
             await err.send(self.send)
         except ClientGone:
@@ -285,14 +307,33 @@ class _Exchange:
 
     # -- reading the request ------------------------------------------------------------------
 
-    async def _read_tier(self) -> str | None:
-        """The tier the request names (normalised, not yet checked against the config), the
-        route's default, or None for a request that is not ours."""
+    def _scan_headers(
+        self, found: list[tuple[str, str]]
+    ) -> tuple[bytes | None, bytes | None, bool]:
+        """(content-type, content-length, chunked) of the request; a tier header goes into
+        `found`, the session header into `session_raw`."""
         mw = self.mw
-        found: list[tuple[str, str]] = []
+        headers = self.headers
+        try:
+            named = dict(headers)
+            fast = len(named) == len(headers) and b"".join(named).islower()
+        except (TypeError, ValueError):
+            fast = False
+        if fast:
+            self.named = named
+            tier_raw = named.get(mw.tier_header)
+            if tier_raw is not None:
+                found.append(("header", header_tier(tier_raw)))
+            if mw.session_header is not None:
+                self.session_raw = named.get(mw.session_header)
+            return (
+                named.get(b"content-type"),
+                named.get(b"content-length"),
+                b"transfer-encoding" in named,
+            )
         content_type = length = None
         chunked = False
-        for raw_name, value in self.scope["headers"]:
+        for raw_name, value in headers:
             name = raw_name.lower()
             if name == mw.tier_header:
                 found.append(("header", header_tier(value)))
@@ -304,6 +345,14 @@ class _Exchange:
                 chunked = True
             elif name == mw.session_header:
                 self.session_raw = value
+        return content_type, length, chunked
+
+    async def _read_tier(self) -> str | None:
+        """The tier the request names (normalised, not yet checked against the config), the
+        route's default, or None for a request that is not ours."""
+        mw = self.mw
+        found: list[tuple[str, str]] = []
+        content_type, length, chunked = self._scan_headers(found)
         # An explicitly opted-in route is a JSON LLM endpoint: bad bodies are rejected. With
         # routes=None only a request that names a tier is ours; anything else goes on untouched.
         strict = mw.routes.explicit or bool(found)
@@ -313,25 +362,35 @@ class _Exchange:
                 if strict:
                     raise _too_large(mw.max_body_bytes)
                 return None
-            await self._buffer(strict)
-            if not self.complete:
-                return None
+            first = await self.receive()
+            body = first.get("body", b"")
+            if (
+                first["type"] == "http.request"
+                and not first.get("more_body", False)
+                and len(body) <= mw.max_body_bytes
+            ):
+                self.body = body  # the whole body in one message: the common case
+                self.buffered = [body]
+            else:
+                await self._buffer(first, strict)
+                if not self.complete:
+                    return None
             if self.body:
-                self.payload = parse_object(self.body)
-                if self.payload is None:
+                payload = parse_object(self.body)
+                if payload is None:
                     if strict:
                         raise bad_request("invalid_json", "the request body must be a JSON object")
                     return None
-                found += body_tiers(self.payload.data, mw.tier_field, mw.model_field)
-                self.rewrite = True
+                self.payload = payload
+                found += body_tiers(payload, mw.tier_field, mw.model_field)
         elif not strict:
             return None
         elif (declared is not None and declared <= mw.max_body_bytes) or (
             declared is None and not chunked
         ):
             # Not JSON but small enough to hold: keep it so a failed call can be replayed.
-            await self._buffer(strict)
-        tier = agree(found)
+            await self._buffer(await self.receive(), strict)
+        tier = found[0][1] if len(found) == 1 else agree(found)
         if tier is None:
             tier = self.policy.default_tier
             if tier is None and self.policy.require_tier:
@@ -340,7 +399,7 @@ class _Exchange:
 
     def _check_tier(self, tier: str, router: TierRouter) -> str:
         config = router.config
-        if tier not in config:
+        if tier not in config.ranks:
             raise invalid_tier(
                 f"unknown tier {tier!r}; valid tiers: {', '.join(config.tier_order)}"
             )
@@ -381,16 +440,15 @@ class _Exchange:
                 )
         return mw.router
 
-    async def _buffer(self, strict: bool) -> None:
+    async def _buffer(self, first: Message, strict: bool) -> None:
+        """Hold the body whose first message is `first`, up to the cap."""
         limit = self.mw.max_body_bytes
-        first = await self.receive()
         if first["type"] == "http.request" and not first.get("more_body", False):
-            body = first.get("body", b"")  # the whole body in one message: the common case
+            body = first.get("body", b"")
             if len(body) > limit:
                 if strict:
                     raise _too_large(limit)
                 self.buffered = [body]
-                self.complete = True
                 return
             self.body = body
             self.buffered = [body]
@@ -401,7 +459,7 @@ class _Exchange:
             self.body = await read_body(self._then_live(first), limit)
         except BodyTooLarge as exc:
             if strict:
-                raise _too_large(self.mw.max_body_bytes) from None
+                raise _too_large(limit) from None
             self.buffered = exc.chunks
             self.complete = exc.complete
             return
@@ -436,70 +494,107 @@ class _Exchange:
 
     # -- choosing and calling -----------------------------------------------------------------
 
-    async def _route(self, router: TierRouter) -> None:
+    async def _select(self, router: TierRouter) -> tuple[str, Decision | None, Selection]:
+        """Select with a session (sticky, never down a tier) or with a fleet-wide probe lease:
+        (session key, session decision, selection)."""
         mw = self.mw
         state = mw.state
-        decision: Decision | None = None
-        key = ""
-        try:
-            if self.session_raw is not None and mw.session_header is not None:
-                session_id = valid_session_id(self.session_raw)
-                if session_id is None:
-                    raise bad_request(
-                        "invalid_session_id",
-                        "the session id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':' "
-                        "or '-'",
-                        param="session_id",
-                    )
-                key = session_key(mw.identity(self.scope), session_id)
-                record = await state.load_session(key)
-                decision = await decide(router, record, self.tier, time.time())
-                selection = decision.selection
-                if selection.tier != self.tier:  # a session never goes down a tier
-                    self.tier = selection.tier
-                    await self._authorize(self.tier)
-            elif router.probe_lease is None:
-                selection = router.select_now(self.tier)
-            else:
-                await state.sync_health()
-                selection = await router.select(self.tier)
-        except NoHealthyModel as exc:
-            mw.metrics.request(self.tier)
-            mw.metrics.unavailable(self.tier)
-            await service_unavailable(
-                "service_unavailable",
-                f"all models for tier {exc.tier!r} are temporarily unavailable",
-                exc.retry_after,
-                mw.retry_after_bounds,
-            ).send(self.send, [(b"x-tier", self.tier.encode()), (b"x-tier-attempts", b"0")])
-            return
-        mw.metrics.request(self.tier)
-        if decision is not None and decision.upgraded_from is not None:
-            mw.metrics.session_upgrade(decision.upgraded_from, self.tier)
+        if self.session_raw is not None and mw.session_header is not None:
+            session_id = valid_session_id(self.session_raw)
+            if session_id is None:
+                raise bad_request(
+                    "invalid_session_id",
+                    "the session id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':' "
+                    "or '-'",
+                    param="session_id",
+                )
+            key = session_key(mw.identity(self.scope), session_id)
+            record = await state.load_session(key)
+            decision = await decide(router, record, self.tier, time.time())
+            selection = decision.selection
+            if selection.tier != self.tier:  # a session never goes down a tier
+                self.tier = selection.tier
+                await self._authorize(self.tier)
+            return key, decision, selection
+        if router.probe_lease is None:
+            return "", None, router.select_now(self.tier)
+        await state.sync_health()
+        return "", None, await router.select(self.tier)
 
+    async def _unavailable(self, exc: NoHealthyModel) -> None:
+        """The 503 short-circuit: no model of the tier can take the request now."""
+        mw = self.mw
+        mw.metrics.request(self.tier)
+        mw.metrics.unavailable(self.tier)
+        await service_unavailable(
+            "service_unavailable",
+            f"all models for tier {exc.tier!r} are temporarily unavailable",
+            exc.retry_after,
+            mw.retry_after_bounds,
+        ).send(self.send, [(b"x-tier", self.tier.encode()), (b"x-tier-attempts", b"0")])
+
+    async def _call_app(self, selection: Selection) -> Selection | None:
+        """Call the app with `selection`, and again with another model while a failure may be
+        retried. Returns the selection that served the request, None when it failed."""
+        mw = self.mw
+        metrics = mw.metrics
         base_headers = self._base_headers()
-        tried: list[Key] = []
         # A body that was not held (a large upload, say) cannot be sent twice.
         max_attempts = self.policy.max_attempts if self.buffered is not None else 1
-        attempt: _Attempt | None = None
-        next_selection: Selection | None = selection
         budget = mw.budget
         budget.active += 1
         try:
-            while next_selection is not None:
-                if attempt is not None:
-                    mw.metrics.retry(self.tier, attempt.selection.model, next_selection.model)
+            while True:
                 self.attempts += 1
-                tried.append(next_selection.key)
-                attempt = _Attempt(self, next_selection, self.attempts < max_attempts, tried)
-                next_selection = await attempt.run(base_headers)
+                self.tried.append(selection.key)
+                attempt = _Attempt(self, selection, self.attempts < max_attempts)
+                try:
+                    scope = attempt.scope(base_headers)
+                except TooDeep:
+                    await attempt.release()
+                    raise bad_request(
+                        "invalid_json", "the request body is nested too deeply"
+                    ) from None
+                metrics.selection(selection)
+                token = _current.set(selection)
+                attempt.started_at = time.perf_counter()
+                try:
+                    await mw.app(scope, attempt.receive, attempt.send)
+                except Exception:
+                    # Unless the failure was recorded and its response dropped already:
+                    if attempt.next is None:
+                        if self.disconnected:
+                            await attempt.release()
+                            raise
+                        if not attempt.failed:  # raising, even after a good start, is failing
+                            await attempt.fail(None)
+                        if attempt.started or not attempt.can_retry:
+                            raise
+                        attempt.next = await self.alternative()
+                        if attempt.next is None:
+                            raise
+                except BaseException:  # cancellation: nothing learned about the model
+                    await attempt.release()
+                    raise
+                else:
+                    if not attempt.recorded:
+                        await attempt.release()  # the app answered nothing, or the client left
+                    tap = attempt.tap
+                    if tap is not None:
+                        usage = tap.result()
+                        if usage is not None:
+                            metrics.usage(selection, *usage)
+                finally:
+                    _current.reset(token)
+                retry = attempt.next
+                if retry is None:
+                    return None if attempt.failed else selection
+                metrics.retry(self.tier, selection.model, retry.model)
+                selection = retry
         finally:
             budget.active -= 1
             for _ in range(self.retries):
                 budget.done()
-        assert attempt is not None
-        if decision is not None and not attempt.failed:
-            await self._save_session(key, decision, attempt.selection)
 
     async def _save_session(self, key: str, decision: Decision, served: Selection) -> None:
         """Store the session when it was created or upgraded, or moved to another model."""
@@ -511,11 +606,23 @@ class _Exchange:
         await self.mw.state.save_session(key, record)
 
     def _base_headers(self) -> Headers:
+        """The request headers the app gets: without ours and the tier header, and for a
+        rewritten body without its framing (each attempt adds a fresh content-length)."""
         mw = self.mw
-        drop = mw.request_drop_rewritten if self.rewrite else mw.request_drop
-        return [(k, v) for k, v in self.scope["headers"] if k.lower() not in drop]
+        drop = mw.request_drop_rewritten if self.payload is not None else mw.request_drop
+        headers = self.headers
+        named = self.named
+        if named is None:
+            return [(k, v) for k, v in headers if k.lower() not in drop]
+        present = drop.intersection(named)
+        if len(present) == 1:  # typically content-length: cut it out without a Python loop
+            (name,) = present
+            kept = list(headers)
+            del kept[list(named).index(name)]
+            return kept
+        return [h for h in headers if h[0] not in drop] if present else list(headers)
 
-    async def alternative(self, tried: list[Key]) -> Selection | None:
+    async def alternative(self) -> Selection | None:
         """Another model to retry with, if the client is still there, the retry budget has room
         and the tier has a healthy model left."""
         mw = self.mw
@@ -525,7 +632,7 @@ class _Exchange:
             mw.metrics.over_budget(self.tier)
             return None
         try:
-            chosen = await mw.router.select(self.tier, exclude=tried)  # type: ignore[union-attr]
+            chosen = await mw.router.select(self.tier, exclude=self.tried)  # type: ignore[union-attr]
         except NoHealthyModel:
             mw.budget.done()
             return None
@@ -533,8 +640,13 @@ class _Exchange:
         return chosen
 
 
+# `x-tier-attempts` values, encoded once.
+_ATTEMPTS = tuple((b"x-tier-attempts", str(n).encode()) for n in range(16))
+
+
 class _Attempt:
-    """One call of the app with one model; decides at response start whether to retry."""
+    """One call of the app with one model: its `receive` and `send`, which decide at response
+    start whether the response goes out or is dropped for a retry."""
 
     __slots__ = (
         "can_retry",
@@ -547,16 +659,12 @@ class _Attempt:
         "started",
         "started_at",
         "tap",
-        "tried",
     )
 
-    def __init__(
-        self, exchange: _Exchange, selection: Selection, can_retry: bool, tried: list[Key]
-    ) -> None:
+    def __init__(self, exchange: _Exchange, selection: Selection, can_retry: bool) -> None:
         self.exchange = exchange
         self.selection = selection
         self.can_retry = can_retry
-        self.tried = tried
         self.pending = True  # the body has not been handed to the app yet
         self.started = False  # a response start went to the client
         self.recorded = False  # health already knows this attempt's outcome
@@ -565,77 +673,34 @@ class _Attempt:
         self.tap: UsageTap | None = None
         self.started_at = 0.0
 
-    async def run(self, base_headers: Headers) -> Selection | None:
-        """Call the app; returns the selection to retry with, or None when done."""
+    def scope(self, base_headers: Headers) -> Scope:
+        """The scope the app gets: rewritten body's length, the choice in headers and state."""
         ex = self.exchange
         sel = self.selection
-        metrics = ex.mw.metrics
-        try:
-            scope = self._scope(base_headers)
-        except TooDeep:
-            await self._release()
-            raise bad_request("invalid_json", "the request body is nested too deeply") from None
-        metrics.selection(sel)
-        token = _current.set(sel)
-        self.started_at = time.perf_counter()
-        try:
-            await ex.mw.app(scope, self.receive, self.send)
-        except Exception:
-            if self.next is not None:
-                return self.next  # the failure was recorded and its response dropped already
-            if ex.disconnected:
-                await self._release()
-                raise
-            if not self.failed:  # an exception, even after a good start, is the provider failing
-                await self._fail(None)
-            if not self.started and self.can_retry:
-                alternative = await ex.alternative(self.tried)
-                if alternative is not None:
-                    return alternative
-            raise
-        except BaseException:  # cancellation: nothing learned about the model
-            await self._release()
-            raise
-        finally:
-            _current.reset(token)
-        if not self.recorded:
-            await self._release()  # the app answered nothing, or the client left
-        if self.tap is not None:
-            usage = self.tap.result()
-            if usage is not None:
-                metrics.usage(sel, *usage)
-        return self.next
+        headers = base_headers.copy()
+        if ex.payload is not None:
+            mw = ex.mw
+            ex.body = ex.payload.rewrite(mw.tier_field, mw.model_field, sel.model)
+            headers.append((b"content-length", str(len(ex.body)).encode()))
+        headers += sel.headers
+        # scope["state"] is shared by reference: each attempt gets its own copy.
+        state = ex.scope.get("state")
+        return {
+            **ex.scope,
+            "headers": headers,
+            "state": {**state, "tier_selection": sel} if state else {"tier_selection": sel},
+        }
 
-    async def _fail(self, retry_after: float | None) -> None:
+    async def fail(self, retry_after: float | None) -> None:
         self.recorded = self.failed = True
-        self.exchange.mw.metrics.failure(self.selection)
-        await self.exchange.mw.state.failure(self.selection, retry_after)
+        mw = self.exchange.mw
+        mw.metrics.failure(self.selection)
+        await mw.state.failure(self.selection, retry_after)
 
-    async def _release(self) -> None:
+    async def release(self) -> None:
         if not self.recorded:
             self.recorded = True
             await self.exchange.mw.state.release(self.selection)
-
-    def _scope(self, base_headers: Headers) -> Scope:
-        ex = self.exchange
-        sel = self.selection
-        headers = list(base_headers)
-        if ex.rewrite:
-            assert ex.payload is not None
-            data = ex.payload.data
-            data.pop(ex.mw.tier_field, None)
-            data[ex.mw.model_field] = sel.model
-            ex.body = ex.payload.dumps()
-            headers.append((b"content-length", str(len(ex.body)).encode()))
-        headers += sel.headers
-        scope = dict(ex.scope)
-        scope["headers"] = headers
-        # scope["state"] is shared by reference: each attempt gets its own copy.
-        state = scope.get("state")
-        state = dict(state) if state else {}
-        state["tier_selection"] = sel
-        scope["state"] = state
-        return scope
 
     async def receive(self) -> Message:
         ex = self.exchange
@@ -656,8 +721,9 @@ class _Attempt:
     async def send(self, message: Message) -> None:
         if message["type"] != "http.response.start":
             if self.next is None:
-                if self.tap is not None and message["type"] == "http.response.body":
-                    self.tap.feed(message.get("body", b""))
+                tap = self.tap
+                if tap is not None and message["type"] == "http.response.body":
+                    tap.feed(message.get("body", b""))
                 await self._forward(message)
             return  # draining a response that will be retried
         ex = self.exchange
@@ -667,9 +733,9 @@ class _Attempt:
         headers = message.get("headers") or ()
         mw.metrics.duration(sel, time.perf_counter() - self.started_at)
         if status in mw.failure_statuses:
-            await self._fail(_retry_after(headers))
+            await self.fail(_retry_after(headers))
             if self.can_retry:
-                self.next = await ex.alternative(self.tried)
+                self.next = await ex.alternative()
                 if self.next is not None:
                     return
         elif status < 400:
@@ -679,7 +745,7 @@ class _Attempt:
             else:
                 mw.health.record_success(sel.provider, sel.model)
         else:  # the caller's fault: says nothing about the model
-            await self._release()
+            await self.release()
         out: Headers = []
         content_type = encoding = None
         for name, value in headers:
@@ -692,8 +758,14 @@ class _Attempt:
                 encoding = value
             out.append((name, value))
         out += sel.headers
-        out.append((b"x-tier-attempts", str(ex.attempts).encode()))
-        self.tap = UsageTap.for_content_type(status, content_type, encoding)
+        attempts = ex.attempts
+        out.append(
+            _ATTEMPTS[attempts]
+            if attempts < len(_ATTEMPTS)
+            else (b"x-tier-attempts", str(attempts).encode())
+        )
+        if content_type is not None and 200 <= status < 300:
+            self.tap = UsageTap.for_content_type(status, content_type, encoding)
         self.started = True
         await self._forward({**message, "headers": out})
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple, Self
 from urllib.parse import urlsplit
 
 import httpx
-import orjson
+import msgspec
 
 from ._config import ConfigError, TierConfig
 from ._stores.base import Store, StoreError
@@ -132,8 +132,8 @@ class ControlPlaneSource:
                 f"the request could not be sent ({type(exc).__name__})", "connection"
             ) from None
         try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
+            data = msgspec.json.decode(body)
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise FetchError(
                 f"the response is not JSON ({_redact(str(exc), secrets)[:120]})", "not_json"
             ) from None
@@ -463,8 +463,9 @@ class ConfigManager:
             return None
         raw, fetched_at = got
         try:
-            config = TierConfig.from_data(orjson.loads(raw), source_name="the store's config copy")
-        except (orjson.JSONDecodeError, ConfigError) as exc:
+            data = msgspec.json.decode(raw)
+            config = TierConfig.from_data(data, source_name="the store's config copy")
+        except (msgspec.DecodeError, RecursionError, ConfigError) as exc:
             logger.debug("ignoring an unusable shared config copy", extra={"error": str(exc)})
             return None
         return _Copy(config, float(fetched_at))

@@ -11,7 +11,7 @@ import weakref
 from typing import Any, Protocol
 
 import anyio
-import orjson
+import msgspec
 
 from ._router import TierRouter
 from ._types import ASGIApp, Receive, Scope, Send, other_scope
@@ -143,13 +143,13 @@ def status_app(*sources: StatusSource, session_timeout: float = SESSION_COUNT_TI
             return
         method = scope.get("method", "GET")
         if method not in ("GET", "HEAD"):
-            body = orjson.dumps({"error": f"method {method} not allowed; use GET"})
+            body = msgspec.json.encode({"error": f"method {method} not allowed; use GET"})
             await _respond(send, 405, body, extra=[(b"allow", b"GET, HEAD")])
             return
         document = await status_document(
             fixed or registered_status_sources(), session_timeout=session_timeout
         )
-        body = orjson.dumps(document)
+        body = msgspec.json.encode(document)
         await _respond(send, 200, body, head=method == "HEAD")
 
     return app

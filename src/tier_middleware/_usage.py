@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
-import orjson
+import msgspec
 
 # A JSON body larger than this is not kept: its usage is not counted.
 MAX_JSON_BODY = 1 << 20
@@ -28,6 +28,8 @@ MAX_JSON_BODY = 1 << 20
 MAX_EVENT = 64 << 10
 # Larger counts are not tokens of one response (and lose precision as floats).
 _MAX_TOKENS = 1 << 53
+
+_decode = msgspec.json.decode
 
 # A usage object (not `"usage": null`): only events that match are parsed.
 _USAGE_OBJECT = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*\{')
@@ -176,15 +178,14 @@ class UsageTap:
 class JsonUsageTap(UsageTap):
     """A JSON body: chunks are kept (up to `limit` bytes) and parsed once, by `result`."""
 
-    __slots__ = ("_chunks", "_done", "_limit", "_result", "_size")
+    __slots__ = ("_chunks", "_limit", "_result", "_size")
 
     kind = "json"
 
     def __init__(self, limit: int = MAX_JSON_BODY) -> None:
-        self._chunks: list[bytes] | None = []
+        self._chunks: list[bytes] | None = []  # None once given up on, or parsed
         self._size = 0
         self._limit = limit
-        self._done = False
         self._result: tuple[int, int] | None = None
 
     def feed(self, chunk: bytes) -> None:
@@ -192,26 +193,25 @@ class JsonUsageTap(UsageTap):
         if chunks is None or not chunk:
             return
         try:
-            self._size += len(chunk)
-            if self._size > self._limit:
+            size = self._size + len(chunk)
+            if size > self._limit:
                 self._chunks = None  # too big to be worth it: give up, free the memory
                 return
+            self._size = size
             # bytes are immutable: keep a reference; copy only a mutable buffer.
             chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
         except Exception:
             self._chunks = None
 
     def result(self) -> tuple[int, int] | None:
-        if not self._done:
-            self._done = True
-            chunks = self._chunks
+        chunks = self._chunks
+        if chunks:
             self._chunks = None
-            body = (chunks[0] if len(chunks) == 1 else b"".join(chunks)) if chunks else b""
-            counts = None
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             # Most replies without usage are skipped without parsing ("usage", "usageMetadata").
             if b'"usage' in body:
                 try:
-                    counts = _usage_of(orjson.loads(body))
+                    counts = _usage_of(_decode(body))
                 except Exception:
                     counts = None
                 if counts is not None:
@@ -323,8 +323,8 @@ class SseUsageTap(UsageTap):
         if not data:
             return
         try:
-            counts = _usage_of(orjson.loads(b"\n".join(data)))
-        except orjson.JSONDecodeError:
+            counts = _usage_of(_decode(b"\n".join(data)))
+        except (msgspec.DecodeError, RecursionError):
             return
         if counts is None:
             return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-import orjson
+import msgspec
 
 from .._health import HealthConfig
 
@@ -28,7 +28,7 @@ class SessionRecord:
     updated_at: float
 
     def dumps(self) -> bytes:
-        return orjson.dumps(
+        return msgspec.json.encode(
             [self.provider, self.model, self.tier, self.created_at, self.updated_at]
         )
 
@@ -36,11 +36,11 @@ class SessionRecord:
     def loads(cls, raw: bytes | str) -> SessionRecord | None:
         """The record, or None for anything that is not one (a corrupt or foreign value)."""
         try:
-            provider, model, tier, created, updated = orjson.loads(raw)
+            provider, model, tier, created, updated = msgspec.json.decode(raw)
             if not all(isinstance(v, str) for v in (provider, model, tier)):
                 return None
             return cls(provider, model, tier, float(created), float(updated))
-        except (orjson.JSONDecodeError, TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):  # msgspec.DecodeError is a ValueError
             return None
 
 
