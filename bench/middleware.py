@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: a Starlette chat endpoint with and without TierRoutingMiddleware.
 
-Three variants of the same app (the endpoint does ``await request.body()``, ``json.loads`` and
+Four variants of the same app (the endpoint does ``await request.body()``, ``json.loads`` and
 returns a small JSONResponse):
 
 * ``bare``        -- no middleware; the ~4 KB chat body names a plain ``"model"``.
@@ -9,6 +9,9 @@ returns a small JSONResponse):
                      ``"tier": "simple"`` instead of ``"model"`` (read, routed, rewritten).
 * ``passthrough`` -- the middleware is installed but the request is not opted in (its
                      ``routes`` do not include the request path), with the bare body.
+* ``reference``   -- a yardstick, not the product: a few lines of ASGI doing only the work any
+                     tier router must do (validate and rewrite the body, add four headers).
+                     What it costs is what the targets leave for everything else.
 
 (a) In process: the ASGI app is called directly (hand-built scope/receive/send, no network);
     median microseconds per request over several repeats, variants interleaved.
@@ -21,11 +24,11 @@ returns a small JSONResponse):
 
 Run from the repository root with the project's venv active:
 
-    python bench/middleware.py              # full run (about 2 minutes)
+    python bench/middleware.py              # full run (about 3 minutes)
     python bench/middleware.py --quick      # fewer iterations, 3 s HTTP runs
     python bench/middleware.py --skip-http  # in-process part only
-    python bench/middleware.py --profile    # also: cProfile, per-stage timings, cold-cache
-                                            # run and candidate savings (about +1 minute)
+    python bench/middleware.py --profile    # also: cProfile, bytecodes per request by
+                                            # function, ablations, a cold-cache run
 
 This is a script, not a test: it exits 0 whether targets are met or not (``--strict`` makes a
 MISS exit 1).
@@ -72,7 +75,8 @@ HOST = "127.0.0.1"  # loopback only
 TARGET_ADDED_US = 15.0
 TARGET_RATIO = 0.90
 CONNECTIONS = 32
-VARIANTS = ("bare", "middleware", "passthrough")
+VARIANTS = ("bare", "middleware", "passthrough", "reference")
+ROUTED = ("middleware", "reference")  # variants that get the "tier" body and must rewrite it
 
 CONFIG: dict[str, Any] = {
     "version": "bench",
@@ -239,10 +243,56 @@ async def chat(request: Request) -> JSONResponse:
     )
 
 
-def build_app(variant: str) -> Starlette:
+def reference_middleware(app: Any) -> Any:
+    """Only the work any tier-routing middleware must do, and nothing else: decode the top level
+    of the body (which validates all of it), drop "tier", set "model", write it back with a new
+    content-length, and add the four x-tier-* response headers. No config, health, retry,
+    session, metrics or usage. It shows what the targets leave for everything else on this
+    machine; it is a yardstick, not a product."""
+    import msgspec
+
+    decode = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+    encode = msgspec.json.Encoder().encode
+    model = msgspec.Raw(b'"gpt-4o-mini"')
+    extra = [
+        (b"x-tier", b"simple"),
+        (b"x-tier-provider", b"openai"),
+        (b"x-tier-model", b"gpt-4o-mini"),
+        (b"x-tier-attempts", b"1"),
+    ]
+
+    async def middleware(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        message = await receive()
+        members = decode(message["body"])
+        members.pop("tier", None)
+        members["model"] = model
+        body = encode(members)
+        headers = [h for h in scope["headers"] if h[0] != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay() -> Any:
+            return pending.pop() if pending else await receive()
+
+        async def send_tagged(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], *extra]}
+            await send(message)
+
+        await app({**scope, "headers": headers}, replay, send_tagged)
+
+    return middleware
+
+
+def build_app(variant: str) -> Any:
     routes = [Route(CHAT_PATH, chat, methods=["POST"])]
     if variant == "bare":
         return Starlette(routes=routes)
+    if variant == "reference":
+        return reference_middleware(Starlette(routes=routes))
     # passthrough: same app, same request path, but the middleware is not opted in for it.
     opted_in = [CHAT_PATH] if variant == "middleware" else ["/v1/embeddings"]
     return Starlette(
@@ -252,7 +302,7 @@ def build_app(variant: str) -> Starlette:
 
 
 def body_for(variant: str) -> bytes:
-    return BODY_TIER if variant == "middleware" else BODY_MODEL
+    return BODY_TIER if variant in ROUTED else BODY_MODEL
 
 
 def request_headers(body: bytes, host: bytes = b"127.0.0.1:8000") -> list[tuple[bytes, bytes]]:
@@ -336,7 +386,7 @@ async def check_in_process(variant: str) -> None:
     headers = dict(start["headers"])
     model = json.loads(reply["body"])["model"]
     assert start["status"] == 200, (variant, start)
-    if variant == "middleware":
+    if variant in ROUTED:
         assert headers.get(b"x-tier") == b"simple", headers
         assert model in SIMPLE_MODELS, model
     else:
@@ -445,7 +495,7 @@ def check_http(variant: str, port: int) -> None:
         resp = conn.getresponse()
         payload = json.loads(resp.read())
         assert resp.status == 200, (variant, resp.status, payload)
-        if variant == "middleware":
+        if variant in ROUTED:
             assert resp.getheader("x-tier") == "simple"
             assert payload["model"] in SIMPLE_MODELS, payload
         else:
@@ -743,7 +793,7 @@ async def _trivial_app(scope: Any, receive: Any, send: Any) -> None:
 
 
 def profile(iterations: int) -> None:
-    """Where the added microseconds go: cProfile, a stage breakdown, and candidate fixes."""
+    """Where the added microseconds go: cProfile, bytecodes per request, ablations, cold caches."""
     import cProfile
     import pstats
 
@@ -759,188 +809,82 @@ def profile(iterations: int) -> None:
 
     run_loop(go())
     pstats.Stats(prof).sort_stats("tottime").print_stats(22)
-    _stages()
-    _candidates()
+    _opcodes()
+    _ablations()
+    _cold(build_app("bare"), build_app("middleware"))
 
 
-def _row(label: str, fn: Callable[[], float]) -> tuple[str, float | None]:
-    """One timing; the middleware's internals change under active development, so a stage
-    whose internals moved is reported as n/a instead of stopping the profile."""
-    try:
-        return label, fn()
-    except Exception as exc:
-        print(f"  ({label.strip()}: n/a, {type(exc).__name__}: {exc})")
-        return label, None
+def _opcodes(requests: int = 200) -> None:
+    """Bytecodes executed per routed request, by function: exact and the same on any machine,
+    so it shows a change in the Python work where timings on a shared VM cannot."""
+    import collections
+
+    print("\n== profile 2: bytecodes per request around a trivial ASGI app (exact counts) ==")
+    for name, app, body in (
+        ("middleware", TierRoutingMiddleware(_trivial_app, config=CONFIG, routes=[CHAT_PATH]), BODY_TIER),
+        ("reference", reference_middleware(_trivial_app), BODY_TIER),
+    ):  # fmt: skip
+        template = scope_template(body)
+        for _ in range(50):
+            _drive(app(dict(template), _receiver(body), _nop_send))
+        counts: collections.Counter[str] = collections.Counter()
+        calls: collections.Counter[str] = collections.Counter()
+        sys.settrace(_counting(counts, calls))
+        try:
+            for _ in range(requests):
+                _drive(app(dict(template), _receiver(body), _nop_send))
+        finally:
+            sys.settrace(None)
+        own = {
+            k: v
+            for k, v in counts.items()
+            if not k.startswith(("middleware.py:_", "middleware.py:receive"))
+        }
+        total = sum(own.values()) / requests
+        print(
+            f"  {name}: {total:.0f} bytecodes and {sum(calls.values()) / requests:.0f} Python calls per request"
+        )
+        if name == "middleware":
+            for key, n in collections.Counter(own).most_common(12):
+                print(f"    {n / requests:6.0f}  {key}")  # fmt: skip
 
 
-def _stages() -> None:
-    """The real middleware pieces, each timed alone (coroutines driven without an event loop)."""
-    import orjson
+def _counting(counts: Any, calls: Any) -> Any:
+    """A trace function counting bytecodes and calls per function into the two Counters."""
 
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        code = frame.f_code
+        key = f"{os.path.basename(code.co_filename)}:{code.co_name}"
+        if event == "call":
+            calls[key] += 1
+        elif event == "opcode":
+            counts[key] += 1
+        return trace
+
+    return trace
+
+
+def _ablations() -> None:
+    """The middleware around a trivial ASGI app, with one piece switched off at a time."""
     import tier_middleware._middleware as tm
-    from tier_middleware._body import parse_object
-    from tier_middleware._extract import agree, body_tiers
 
-    print("== profile 2: stage breakdown (timeit best of 7, coroutines driven by hand, no loop) ==")
-    bare_app, mw_app = build_app("bare"), build_app("middleware")
-    starlette_bare = _driven_us(bare_app, BODY_MODEL)
-    starlette_mw = _driven_us(mw_app, BODY_TIER)
-    mw = TierRoutingMiddleware(_trivial_app, config=CONFIG, routes=[CHAT_PATH])
-    mw_pass = TierRoutingMiddleware(_trivial_app, config=CONFIG, routes=["/v1/embeddings"])
-    trivial = _driven_us(_trivial_app, BODY_MODEL)
-    trivial_mw = _driven_us(mw, BODY_TIER)
-    trivial_pass = _driven_us(mw_pass, BODY_MODEL)
-    in_starlette = starlette_mw - starlette_bare
-    alone = trivial_mw - trivial
-    print(f"  {'Starlette app, bare':<54}{starlette_bare:7.2f}")
-    print(f"  {'Starlette app + middleware, routed':<54}{starlette_mw:7.2f}   added {in_starlette:+.2f}")  # fmt: skip
-    print(f"  {'trivial ASGI app (same reply), bare':<54}{trivial:7.2f}")
-    print(f"  {'trivial ASGI app + middleware, routed':<54}{trivial_mw:7.2f}   added {alone:+.2f}")  # fmt: skip
-    print(f"  {'trivial ASGI app + middleware, pass-through':<54}{trivial_pass:7.2f}   added {trivial_pass - trivial:+.2f}")  # fmt: skip
+    print("\n== profile 3: ablations around a trivial ASGI app (us per request, best of 3) ==")
 
-    tmpl = scope_template(BODY_TIER)
-    policy = mw.routes.match(CHAT_PATH)
-    router = mw.router
-    sel = router.select_now("simple")
-    mw.health.record_success(sel.provider, sel.model)
+    def added() -> float:
+        mw = TierRoutingMiddleware(_trivial_app, config=CONFIG, routes=[CHAT_PATH])
+        return min(_driven_us(mw, BODY_TIER) for _ in range(3)) - bare
 
-    def exchange() -> Any:
-        return tm._Exchange(mw, dict(tmpl), _receiver(BODY_TIER), _nop_send, policy)
-
-    ex = exchange()
-    _drive(ex._read_tier())
-    ex.tier = "simple"
-    base_headers = ex._base_headers()
-    payload = ex.payload.data
-    ex_new = _best_us(exchange)
-
-    def attempt() -> Any:
-        return tm._Attempt(ex, sel, True, [])
-
-    at_new = _best_us(attempt)
-    fixed = attempt()
-
-    def read_tier() -> None:
-        _drive(exchange()._read_tier())
-
-    def buffer() -> None:
-        _drive(exchange()._buffer(True))
-
-    def header_scan() -> Any:  # the loop at the top of _read_tier, copied
-        found, content_type, length, chunked, session = [], None, None, False, None
-        tier_header, session_header = mw.tier_header, getattr(mw, "session_header", None)
-        for raw_name, value in tmpl["headers"]:
-            name = raw_name.lower()
-            if name == tier_header:
-                found.append(value)
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"content-length":
-                length = value
-            elif name == b"transfer-encoding":
-                chunked = True
-            elif name == session_header:
-                session = value
-        return found, content_type, length, chunked, session
-
-    def checks() -> None:
-        ex._check_tier("simple", mw.router)
-
-    def select() -> None:
-        s = _drive(router.select("simple"))
-        mw.health.record_success(s.provider, s.model)
-
-    def send_both() -> None:
-        a = attempt()
-        a.started_at = time.perf_counter()
-        _drive(a.send(_REPLY_START))
-        _drive(a.send(_REPLY_BODY))
-
-    def usage_after() -> None:
-        tap = tm.UsageTap.for_response(200, _REPLY_START["headers"])
-        tap.feed(_REPLY)
-        usage = tap.result()
-        mw.metrics.usage(sel, *usage)
-
-    def usage_result_only() -> None:
-        tap = tm.UsageTap.for_response(200, _REPLY_START["headers"])
-        tap.feed(_REPLY)
-        tap.result()
-
-    def ctx_and_clock() -> None:
-        tm._current.reset(tm._current.set(sel))
-        time.perf_counter()
-
-    rows = [
-        _row("configs.tick()", lambda: _best_us(mw.configs.tick)),
-        _row("_Exchange.__init__", lambda: ex_new),
-        _row("_read_tier: headers, buffer, parse, find tier", lambda: _best_us(read_tier) - ex_new),
-        _row(
-            "   of which orjson.loads of the 4 KB body",
-            lambda: _best_us(lambda: parse_object(BODY_TIER)),
-        ),
-        _row(
-            "   of which _buffer -> read_body -> _receive_live", lambda: _best_us(buffer) - ex_new
-        ),
-        _row("   of which the header scan (10 headers, .lower())", lambda: _best_us(header_scan)),
-        _row(
-            "   of which body_tiers + agree",
-            lambda: _best_us(lambda: agree(body_tiers(payload, "tier", "model"))),
-        ),
-        _row("_check_tier", lambda: _best_us(checks)),
-        _row("state.sync_health()", lambda: _best_us(lambda: _drive(mw.state.sync_health()))),
-        _row("router.select (async) + health.record_success", lambda: _best_us(select)),
-        _row(
-            "metrics.request + metrics.selection",
-            lambda: _best_us(lambda: (mw.metrics.request("simple"), mw.metrics.selection(sel))),
-        ),
-        _row("_base_headers", lambda: _best_us(ex._base_headers)),
-        _row("_Attempt.__init__", lambda: at_new),
-        _row(
-            "_Attempt._scope: rewrite, headers, scope copy",
-            lambda: _best_us(lambda: fixed._scope(base_headers)),
-        ),
-        _row(
-            "   of which orjson.dumps of the payload",
-            lambda: _best_us(lambda: orjson.dumps(payload)),
-        ),
-        _row("ContextVar set+reset, perf_counter", lambda: _best_us(ctx_and_clock)),
-        _row("_Attempt.receive", lambda: _best_us(lambda: _drive(attempt().receive())) - at_new),
-        _row("_Attempt.send: response start + body", lambda: _best_us(send_both) - at_new),
-        _row(
-            "   of which metrics.duration (histogram)",
-            lambda: _best_us(lambda: mw.metrics.duration(sel, 0.001)),
-        ),
-        _row("   of which state.success", lambda: _best_us(lambda: _drive(mw.state.success(sel)))),
-        _row(
-            "   of which UsageTap.for_response",
-            lambda: _best_us(lambda: tm.UsageTap.for_response(200, _REPLY_START["headers"])),
-        ),
-        _row(
-            "after the app: tap.result + metrics.usage",
-            lambda: (
-                _best_us(usage_after)
-                - _best_us(lambda: tm.UsageTap.for_response(200, _REPLY_START["headers"]))
-            ),
-        ),
-        _row(
-            "   of which tap.feed + tap.result (orjson.loads reply)",
-            lambda: (
-                _best_us(usage_result_only)
-                - _best_us(lambda: tm.UsageTap.for_response(200, _REPLY_START["headers"]))
-            ),
-        ),
-    ]
-    for label, us in rows:
-        print(f"  {label:<54}{'n/a' if us is None else f'{us:7.2f}'}")
-    top = [(label, us) for label, us in rows if us is not None and not label.startswith("   ")]
-    parts = sum(us for _, us in top)
-    print(f"  {'sum of the top-level stages':<54}{parts:7.2f}   (trivial app: added {alone:.2f})")
-    print(f"  {'Starlette-context residual (added in Starlette - sum)':<54}{in_starlette - parts:7.2f}")  # fmt: skip
-    print("  ranked:")
-    for label, us in sorted(top, key=lambda r: -r[1])[:8]:
-        print(f"    {us:6.2f} us  {label}")
-    _cold(bare_app, mw_app)
+    bare = min(_driven_us(_trivial_app, BODY_MODEL) for _ in range(3))
+    print(f"  {'everything on':<44}{added():+7.2f}")
+    json_tap = tm.JsonUsageTap
+    tm.JsonUsageTap = lambda: None  # type: ignore[assignment,misc]
+    try:
+        print(f"  {'without usage accounting':<44}{added():+7.2f}")
+    finally:
+        tm.JsonUsageTap = json_tap  # type: ignore[misc]
+    ref = min(_driven_us(reference_middleware(_trivial_app), BODY_TIER) for _ in range(3)) - bare
+    print(f"  {'reference (the mandatory work only)':<44}{ref:+7.2f}")
 
 
 def _cold(bare_app: Any, mw_app: Any, wipe_mb: int = 32, requests: int = 300) -> None:
@@ -968,252 +912,6 @@ def _cold(bare_app: Any, mw_app: Any, wipe_mb: int = 32, requests: int = 300) ->
         f"bare {medians['bare']:.1f} us, middleware {medians['middleware']:.1f} us, "
         f"added {medians['middleware'] - medians['bare']:+.1f} us"
     )
-
-
-def _candidates() -> None:
-    """Current code paths (copied from src) against cheaper equivalents; us per request."""
-    import orjson
-
-    import tier_middleware._middleware as tm
-
-    print("\n== profile 3: candidate savings (current logic, copied, vs a cheaper equivalent) ==")
-    mw = TierRoutingMiddleware(_trivial_app, config=CONFIG, routes=[CHAT_PATH])
-    sel = mw.router.select_now("simple")
-    headers = request_headers(BODY_TIER)
-    body = BODY_TIER
-    start = _REPLY_START
-    own = tm._OWN_HEADERS
-    framing = tm._BODY_FRAMING
-    # what a per-Selection cache (built once per router pool) would hold
-    sel_headers = ((b"x-tier", sel.tier.encode()), (b"x-tier-provider", sel.provider.encode()),
-                   (b"x-tier-model", sel.model.encode()))  # fmt: skip
-    attempts_header = {1: (b"x-tier-attempts", b"1"), 2: (b"x-tier-attempts", b"2")}
-    drop_rewrite = mw.request_drop | framing  # precomputed once in __init__
-    tier_header = mw.tier_header
-    message = {"type": "http.request", "body": body, "more_body": False}
-
-    def resp_now() -> Any:
-        out = [(k, v) for k, v in start["headers"] if k.lower() not in own]
-        out += [(b"x-tier", sel.tier.encode()), (b"x-tier-provider", sel.provider.encode()),
-                (b"x-tier-model", sel.model.encode()), (b"x-tier-attempts", str(1).encode())]  # fmt: skip
-        return {**start, "headers": out}
-
-    def resp_cand() -> Any:
-        out = [(k, v) for k, v in start["headers"] if k not in own]
-        out += sel_headers
-        out.append(attempts_header[1])
-        return {**start, "headers": out}
-
-    def req_now() -> Any:
-        drop = mw.request_drop | framing
-        h = [(k, v) for k, v in headers if k.lower() not in drop]
-        h = list(h)  # _scope copies base_headers per attempt
-        h.append((b"content-length", str(len(body)).encode()))
-        h += [(b"x-tier", sel.tier.encode()), (b"x-tier-provider", sel.provider.encode()),
-              (b"x-tier-model", sel.model.encode())]  # fmt: skip
-        return h
-
-    def req_cand() -> Any:
-        h = [(k, v) for k, v in headers if k not in drop_rewrite]
-        h.append((b"content-length", str(len(body)).encode()))
-        h += sel_headers
-        return h
-
-    def scan_now() -> Any:
-        ct = length = None
-        for raw_name, value in headers:
-            name = raw_name.lower()
-            if name == tier_header:
-                pass
-            elif name == b"content-type":
-                ct = value
-            elif name == b"content-length":
-                length = value
-            elif name == b"transfer-encoding":
-                pass
-        return ct, length, tm._is_json(ct)
-
-    def scan_cand() -> Any:
-        ct = length = None
-        for name, value in headers:
-            if name == tier_header:
-                pass
-            elif name == b"content-type":
-                ct = value
-            elif name == b"content-length":
-                length = value
-            elif name == b"transfer-encoding":
-                pass
-        return ct, length, ct == b"application/json" or tm._is_json(ct)
-
-    async def receive() -> Any:
-        return message
-
-    async def receive_live() -> Any:  # _Exchange._receive_live
-        m = await receive()
-        if m["type"] == "http.disconnect":
-            pass
-        return m
-
-    async def read_body() -> bytes:  # _body.read_body, one chunk
-        chunks = []
-        size = 0
-        while True:
-            m = await receive_live()
-            if m["type"] == "http.disconnect":
-                raise RuntimeError
-            chunk = m.get("body", b"")
-            if chunk:
-                chunks.append(chunk)
-                size += len(chunk)
-            if not m.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def buffer_now() -> Any:
-        return [await read_body()]
-
-    async def buffer_cand() -> Any:
-        m = await receive()
-        if m["type"] == "http.request" and not m.get("more_body", False):
-            b = m.get("body", b"")
-            if len(b) <= 10_000_000:
-                return [b]
-        raise RuntimeError("general path")
-
-    def media_now() -> Any:  # _usage._media_type: decode + lower every response header
-        media, encoded = None, False
-        for name, value in start["headers"]:
-            key = name.decode("latin-1") if isinstance(name, bytes) else str(name)
-            key = key.lower()
-            if key == "content-type":
-                text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-                media = text.split(";", 1)[0].strip().lower()
-            elif key == "content-encoding":
-                encoded = True
-        return media, encoded
-
-    def media_cand() -> Any:  # compare bytes, decode only the content-type value
-        media, encoded = None, False
-        for name, value in start["headers"]:
-            if name == b"content-type":
-                media = value if value == b"application/json" else value.split(b";", 1)[0].strip().lower()  # fmt: skip
-            elif name == b"content-encoding":
-                encoded = True
-        return media, encoded
-
-    metrics = mw.metrics
-    usage_children = (metrics.tokens.labels("simple", sel.provider, sel.model, "input"),
-                      metrics.tokens.labels("simple", sel.provider, sel.model, "output"),
-                      metrics.cost_usd.labels("simple", sel.provider, sel.model))  # fmt: skip
-
-    def usage_now() -> None:
-        metrics.usage(sel, 1000, 1)
-
-    def usage_cand() -> None:  # no cost series update when the model has no prices (0.0)
-        usage_children[0].inc(1000)
-        usage_children[1].inc(1)
-
-    def select_async() -> Any:
-        return _drive(mw.router.select("simple"))
-
-    def metrics_now() -> None:  # every prometheus update of one routed request
-        metrics.request("simple")
-        metrics.selection(sel)
-        metrics.duration(sel, 0.001)
-        metrics.usage(sel, 1000, 1)
-
-    from bisect import bisect_right
-
-    plain: dict[Any, int] = {}
-    plain_f: dict[Any, float] = {}
-    buckets = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 45.0, 60.0)
-    hist: dict[Any, list[int]] = {}
-    sel_key = ("simple", sel.provider, sel.model)
-
-    def metrics_cand() -> None:  # plain ints under the GIL, turned into series at scrape time
-        plain["simple"] = plain.get("simple", 0) + 1
-        plain[sel_key] = plain.get(sel_key, 0) + 1
-        counts = hist.get(sel_key)
-        if counts is None:
-            counts = hist[sel_key] = [0] * (len(buckets) + 1)
-        counts[bisect_right(buckets, 0.001)] += 1
-        plain_f[sel_key] = plain_f.get(sel_key, 0.0) + 0.001
-        tokens = plain.get(("in", *sel_key), 0)
-        plain[("in", *sel_key)] = tokens + 1000
-        plain[("out", *sel_key)] = plain.get(("out", *sel_key), 0) + 1
-
-    state = mw.state
-    health = mw.health
-
-    def success_now() -> None:
-        _drive(state.success(sel))
-
-    def success_cand() -> None:  # no coroutine when health is not shared (the default)
-        if not state.shared_health:
-            health.record_success(sel.provider, sel.model)
-        else:
-            _drive(state.success(sel))
-
-    cases = [
-        ("response headers: .lower() filter, 4 encodes", resp_now,
-         "pre-encoded per-Selection tuple, no .lower()", resp_cand),
-        ("request headers: set union, .lower(), encodes, copy", req_now,
-         "precomputed drop set, pre-encoded tuple", req_cand),
-        ("header scan with .lower() + _is_json", scan_now,
-         "no .lower() (uvicorn sends lowercase), == fast path", scan_cand),
-        ("body: read_body + _receive_live (2 frames)", lambda: _drive(buffer_now()),
-         "single-message fast path, one await", lambda: _drive(buffer_cand())),
-        ("router.select via its async wrapper", select_async,
-         "router.select_now called directly", lambda: mw.router.select_now("simple")),
-        ("UsageTap media type: decode + lower each header", media_now,
-         "compare bytes, decode nothing", media_cand),
-        ("metrics.usage: 3 counter incs (cost 0.0 too)", usage_now,
-         "skip the cost inc when prices are 0", usage_cand),
-        ("all prometheus updates of a request (7 series)", metrics_now,
-         "plain dict/int counters, exported by a collector", metrics_cand),
-        ("state.success: a coroutine per request", success_now,
-         "sync health.record_success when not shared", success_cand),
-    ]  # fmt: skip
-    total = 0.0
-    for now_label, now_fn, cand_label, cand_fn in cases:
-        try:
-            now_us, cand_us = _best_us(now_fn), _best_us(cand_fn)
-        except Exception as exc:
-            print(f"  ({now_label}: n/a, {type(exc).__name__}: {exc})")
-            continue
-        total += now_us - cand_us
-        print(f"  now  {now_label:<52}{now_us:6.2f} us")
-        print(f"  cand {cand_label:<52}{cand_us:6.2f} us   saves {now_us - cand_us:5.2f} us")
-    print(
-        f"  total of the candidates above: {total:.2f} us per request (the metrics.usage line "
-        "overlaps the all-prometheus line: count one of them)"
-    )
-
-    # Design alternative (not equivalent: the body is neither validated nor searched for a tier):
-    # the tier comes from the x-tier header and the model is spliced in without parsing.
-    model_member = b'"model":' + orjson.dumps(sel.model) + b","
-
-    def header_tier_splice() -> bytes | None:
-        if b'"model"' in body or b'"tier"' in body:
-            return None  # would need the full parse
-        start = body.find(b"{")
-        return body[: start + 1] + model_member + body[start + 1 :]
-
-    plain_body = BODY_MODEL.replace(b'"model": "gpt-4o-mini", ', b"")
-    body, saved = plain_body, body
-    splice_us = _best_us(header_tier_splice)
-    assert header_tier_splice() is not None
-    body = saved
-    print(
-        f"  design alternative, tier from the x-tier header, no body parse: 2 byte scans + "
-        f"splice of a {len(plain_body)} B body {splice_us:.2f} us (vs loads+dumps below)"
-    )
-    loads = _best_us(lambda: orjson.loads(body))
-    data = orjson.loads(body)
-    dumps = _best_us(lambda: orjson.dumps(data))
-    std = _best_us(lambda: json.loads(body))
-    print(f"  floor: orjson.loads {loads:.2f} us + orjson.dumps {dumps:.2f} us of the {len(body)} B "
-          f"body (the endpoint's own json.loads of it: {std:.2f} us)")  # fmt: skip
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -1327,6 +1025,8 @@ def main() -> int:
         ("added us per request (routed)", f"{added:+.2f} us", f"<= {TARGET_ADDED_US:g} us",
          verdict(added <= TARGET_ADDED_US)),
         ("added us per request (pass-through)", f"{passthrough:+.2f} us", "(info)", ""),
+        ("added us per request (reference)", f"{res['reference'] - res['bare']:+.2f} us",
+         "(info)", ""),
         ("added, from the fastest samples", f"{res['middleware_min'] - res['bare_min']:+.2f} us",
          "(info)", ""),
     ]  # fmt: skip
@@ -1342,6 +1042,8 @@ def main() -> int:
              verdict(ratio >= TARGET_RATIO)),
             ("HTTP ratio pass-through / bare",
              f"{http_res['passthrough'] / http_res['bare']:.3f}", "(info)", ""),
+            ("HTTP ratio reference / bare",
+             f"{http_res['reference'] / http_res['bare']:.3f}", "(info)", ""),
         ]  # fmt: skip
         if http_res["bare_cpu"] is not None and http_res["middleware_cpu"] is not None:
             rows += [
@@ -1351,6 +1053,10 @@ def main() -> int:
                 ("HTTP server CPU added by the middleware",
                  f"{http_res['middleware_cpu'] - http_res['bare_cpu']:+.1f} us", "(info)", ""),
             ]  # fmt: skip
+            if http_res["reference_cpu"] is not None:
+                rows.append(("HTTP server CPU added by the reference",
+                             f"{http_res['reference_cpu'] - http_res['bare_cpu']:+.1f} us",
+                             "(info)", ""))  # fmt: skip
         if http_res["errors"]:
             rows.append(("HTTP non-2xx responses", str(http_res["errors"]), "0", "MISS"))
 

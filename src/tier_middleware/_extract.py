@@ -72,6 +72,8 @@ def body_tiers(payload: Payload, tier_field: str, model_field: str) -> list[tupl
     if tier_field in payload.members:
         tier = clean_tier(payload.value(tier_field), "body")
         found.append(("body field '" + tier_field + "'", tier))
+    if model_field not in payload.members:
+        return found
     model_tier = tier_from_model(payload.value(model_field))
     if model_tier is not None:
         found.append(("model", model_tier))

@@ -34,7 +34,7 @@ from ._state import State
 from ._status import register_status_source
 from ._stores import SessionRecord, store_from_url
 from ._types import ASGIApp, Headers, Message, Receive, Scope, Send
-from ._usage import UsageTap
+from ._usage import JsonUsageTap, UsageTap
 
 logger = logging.getLogger("tier_middleware")
 
@@ -281,7 +281,9 @@ class _Exchange:
                 await mw.app(self.scope, self._replaying(), self.send)
                 return
             router = mw.router or await self._first_config()
-            self.tier = tier = self._check_tier(tier, router)
+            if tier not in router.ranks or self.policy.allowed_tiers is not None:
+                tier = self._check_tier(tier, router)
+            self.tier = tier
             if mw.authorize is not None:
                 await self._authorize(tier)
             decision: Decision | None = None
@@ -314,13 +316,8 @@ class _Exchange:
         `found`, the session header into `session_raw`."""
         mw = self.mw
         headers = self.headers
-        try:
-            named = dict(headers)
-            fast = len(named) == len(headers) and b"".join(named).islower()
-        except (TypeError, ValueError):
-            fast = False
-        if fast:
-            self.named = named
+        named = self.named = _by_name(headers)
+        if named is not None:
             tier_raw = named.get(mw.tier_header)
             if tier_raw is not None:
                 found.append(("header", header_tier(tier_raw)))
@@ -709,23 +706,21 @@ class _Attempt:
             return {"type": "http.request", "body": ex.body, "more_body": False}
         return await ex._receive_live()
 
-    async def _forward(self, message: Message) -> None:
-        try:
-            await self.exchange.send(message)
-        except Exception:
-            # The server's send fails once the client has gone (ASGI 2.4: OSError): whatever
-            # the app makes of that, it is no provider failure.
-            self.exchange.disconnected = True
-            raise
-
     async def send(self, message: Message) -> None:
         if message["type"] != "http.response.start":
-            if self.next is None:
-                tap = self.tap
-                if tap is not None and message["type"] == "http.response.body":
-                    tap.feed(message.get("body", b""))
-                await self._forward(message)
-            return  # draining a response that will be retried
+            if self.next is not None:
+                return  # draining a response that will be retried
+            tap = self.tap
+            if tap is not None and message["type"] == "http.response.body":
+                tap.feed(message.get("body", b""))
+            try:
+                await self.exchange.send(message)
+            except Exception:
+                # The server's send fails once the client has gone (ASGI 2.4: OSError): whatever
+                # the app makes of that, it is no provider failure.
+                self.exchange.disconnected = True
+                raise
+            return
         ex = self.exchange
         sel = self.selection
         mw = ex.mw
@@ -746,17 +741,7 @@ class _Attempt:
                 mw.health.record_success(sel.provider, sel.model)
         else:  # the caller's fault: says nothing about the model
             await self.release()
-        out: Headers = []
-        content_type = encoding = None
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered in _OWN_HEADERS:
-                continue
-            if lowered == b"content-type":
-                content_type = value
-            elif lowered == b"content-encoding":
-                encoding = value
-            out.append((name, value))
+        out, content_type, encoding = _response_headers(headers)
         out += sel.headers
         attempts = ex.attempts
         out.append(
@@ -765,9 +750,50 @@ class _Attempt:
             else (b"x-tier-attempts", str(attempts).encode())
         )
         if content_type is not None and 200 <= status < 300:
-            self.tap = UsageTap.for_content_type(status, content_type, encoding)
+            self.tap = (
+                JsonUsageTap()  # by far the most common
+                if content_type == b"application/json" and encoding is None
+                else UsageTap.for_content_type(status, content_type, encoding)
+            )
         self.started = True
-        await self._forward({**message, "headers": out})
+        try:
+            await ex.send({**message, "headers": out})
+        except Exception:
+            ex.disconnected = True  # as above: the client has gone
+            raise
+
+
+def _by_name(headers: Any) -> dict[bytes, bytes] | None:
+    """ASGI headers as a dict when every name is lowercase bytes and appears once (what servers
+    and frameworks send), so the common case needs no Python loop; None otherwise."""
+    if type(headers) is not list and type(headers) is not tuple:
+        return None
+    try:
+        named = dict(headers)
+        if len(named) == len(headers) and b"".join(named).islower():
+            return named
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _response_headers(headers: Any) -> tuple[Headers, bytes | None, bytes | None]:
+    """The app's response headers without any of ours, its content-type and content-encoding."""
+    named = _by_name(headers)
+    if named is not None and _OWN_HEADERS.isdisjoint(named):  # what frameworks send
+        return list(headers), named.get(b"content-type"), named.get(b"content-encoding")
+    out: Headers = []
+    content_type = encoding = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in _OWN_HEADERS:
+            continue
+        if lowered == b"content-type":
+            content_type = value
+        elif lowered == b"content-encoding":
+            encoding = value
+        out.append((name, value))
+    return out, content_type, encoding
 
 
 def _content_length(value: bytes | None) -> int | None:

@@ -13,6 +13,7 @@ from ._config import ModelConfig, TierConfig
 from ._health import PROBE, HealthTracker, Key
 
 ProbeLease = Callable[[str, str], Awaitable[bool]]
+_NEVER = math.inf
 
 
 class RoutingError(Exception):
@@ -140,7 +141,7 @@ class TierRouter:
     def config(self, config: TierConfig) -> None:
         """Swap the routing table; health state of models that remain is kept."""
         self._config = config
-        self._ranks = config.ranks
+        self._ranks = self.ranks = config.ranks  # tier -> position, for a cheap `in` check
         self._pools = {}
         self._pinned = {
             tier: {m.key: Selection(tier, m.provider, m.model, m) for m in models}
@@ -174,6 +175,25 @@ class TierRouter:
         exclude: Collection[Key] = (),
     ) -> Selection:
         """`select` without the coroutine (and without a fleet-wide probe lease)."""
+        if preferred_provider is None and not exclude:
+            # The common case, checked first: a current pool whose models are all plainly
+            # healthy (a pending backoff or probe would give it a finite `valid_until`).
+            pool = self._pools.get(tier)
+            health = self.health
+            if (
+                pool is not None
+                and pool.version == health.version
+                and pool.valid_until == _NEVER
+                and pool.choices
+            ):
+                choices = pool.choices
+                if len(choices) == 1:
+                    chosen = choices[0]
+                else:
+                    index = bisect_right(pool.cumulative, self._rng.random() * pool.total)
+                    chosen = choices[min(index, len(choices) - 1)]
+                if health.acquire(chosen.provider, chosen.model):
+                    return chosen
         for _ in range(3):
             chosen, granted = self._draw(tier, preferred_provider, exclude)
             if granted:
