@@ -222,6 +222,65 @@ async def test_client_cannot_spoof_the_selection_headers() -> None:
     assert models[0].decode() in SIMPLE
 
 
+@pytest.mark.parametrize(
+    "spoofed",
+    [
+        [("x-tier-model", "gpt-5-ultra")],  # lowercase and unique: read through a dict
+        [("X-Tier-Model", "gpt-5-ultra")],  # mixed case: read one by one
+        [("x-tier-model", "a"), ("x-tier-model", "b")],  # repeated
+    ],
+)
+async def test_spoofed_selection_headers_are_dropped_however_they_are_spelled(
+    spoofed: list[tuple[str, str]],
+) -> None:
+    mw, provider = make()
+    await call(mw, chat(tier="simple"), headers=[("content-type", "application/json"), *spoofed])
+    headers = provider.calls[0]["scope"]["headers"]
+    models = [v for k, v in headers if k.lower() == b"x-tier-model"]
+    assert len(models) == 1
+    assert models[0].decode() in SIMPLE
+    lengths = [v for k, v in headers if k.lower() == b"content-length"]
+    assert lengths == [str(len(provider.calls[0]["body"])).encode()]
+
+
+@pytest.mark.parametrize(
+    ("tiers", "status"), [(["simple", "simple"], 200), (["simple", "complex"], 400)]
+)
+async def test_a_repeated_tier_header_must_agree_with_itself(tiers: list[str], status: int) -> None:
+    mw, provider = make()
+    headers = [("content-type", "application/json"), *(("x-tier", t) for t in tiers)]
+    result = await call(mw, chat(), headers=headers)
+    assert result.status == status
+    assert len(provider.calls) == (1 if status == 200 else 0)
+
+
+async def test_request_headers_as_lists_are_read_like_tuples() -> None:
+    mw, provider = make()
+    scope = http_scope(headers=[("content-type", "application/json"), ("x-tier", "complex")])
+    scope["headers"] = [list(pair) for pair in scope["headers"]]
+    result = await call(mw, chat(), scope=scope)
+    assert result.status == 200
+    assert json.loads(provider.calls[0]["body"])["model"] == "opus"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [(b"x-tier-model", b"forged"), (b"x-request-id", b"r1")],  # lowercase: the dict path
+        [(b"X-Tier-Model", b"forged"), (b"X-Request-Id", b"r1")],  # mixed case: the loop
+    ],
+)
+async def test_the_apps_own_x_tier_headers_never_reach_the_client(
+    extra: list[tuple[bytes, bytes]],
+) -> None:
+    mw, provider = make()
+    provider.response_headers = extra
+    result = await call(mw, chat(tier="simple"))
+    assert result.header_list("x-tier-model") == [provider.models[0]]
+    assert result.header_list("x-request-id") == ["r1"]
+    assert result.header_list("x-tier-attempts") == ["1"]
+
+
 # -- body buffering and replay ------------------------------------------------------------------
 
 
@@ -639,3 +698,35 @@ def test_a_member_nested_past_the_decoder_reads_as_its_container_kind() -> None:
     assert payload.value("tier") == []
     assert payload.value("model") == {}
     assert payload.value("missing") is None
+
+
+@pytest.mark.parametrize(
+    "start_headers",
+    [
+        [(b"content-type", b"application/json")],  # the dict path
+        [(b"Content-Type", b"application/json")],  # the loop
+        [(b"content-type", b"application/json"), (b"Set-Cookie", b"a"), (b"set-cookie", b"b")],
+    ],
+)
+async def test_usage_is_counted_however_the_response_headers_are_spelled(
+    start_headers: list[tuple[bytes, bytes]],
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    reply = json.dumps({"usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": start_headers})
+        await send({"type": "http.response.body", "body": reply})
+
+    registry = CollectorRegistry()
+    mw, _ = make(app, registry=registry)
+    result = await call(mw, chat(tier="complex"))
+    assert result.body == reply
+    assert [name for name, _ in result.start["headers"][: len(start_headers)]] == [
+        name for name, _ in start_headers
+    ]
+    labels = {"tier": "complex", "provider": "anthropic", "model": "opus"}
+    assert registry.get_sample_value("llm_tokens_total", {**labels, "kind": "input"}) == 7
+    assert registry.get_sample_value("llm_tokens_total", {**labels, "kind": "output"}) == 3
