@@ -84,6 +84,16 @@ bodies = st.one_of(
     st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n),  # deep nesting
     st.integers(1, 3000).map(lambda n: b'{"tier": "simple", "a": ' + b"[" * n + b"]" * n + b"}"),
     st.integers(20, 400).map(lambda n: b'{"tier": "simple", "n": 1' + b"0" * n + b"}"),
+    # raw bytes (invalid UTF-8 among them) inside a key or a nested string of a valid object
+    st.tuples(st.binary(max_size=8), st.binary(max_size=8)).map(
+        lambda kv: (
+            b'{"tier": "simple", "'
+            + kv[0].replace(b'"', b"")
+            + b'": ["'
+            + kv[1].replace(b'"', b"").replace(b"\\", b"")
+            + b'"]}'
+        )
+    ),
     st.sampled_from(
         [
             b'{"tier": "simple", "tier": "complex"}',  # duplicate keys: the last one wins

@@ -101,6 +101,8 @@ async def test_sources_that_agree_are_fine_and_disagreeing_ones_are_400() -> Non
         (b"[1, 2, 3]", "invalid_json"),
         (b'"a string"', "invalid_json"),
         (b"\xff\xfe{}", "invalid_json"),
+        (b'{"\xff": 1, "tier": "simple"}', "invalid_json"),  # invalid UTF-8 in a key
+        (b'{"tier": "simple", "\xc3": 1}', "invalid_json"),
         (chat(tier=3), "invalid_tier"),
         (chat(tier=["simple"]), "invalid_tier"),
         (chat(tier=None), "invalid_tier"),

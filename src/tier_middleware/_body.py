@@ -102,7 +102,7 @@ def parse_object(body: bytes) -> Payload | None:
     """The body as a JSON object, or None when it is not valid JSON or not an object."""
     try:
         members = _members.decode(body)
-    except (msgspec.DecodeError, RecursionError):
+    except (ValueError, RecursionError):  # DecodeError, or UnicodeDecodeError from a bad key
         pass
     else:
         # Skipped strings are checked for JSON syntax but not for UTF-8; JSON text must be UTF-8.
