@@ -34,6 +34,7 @@ BEHAVIOURS = (
     "error500",
     "truncated",
     "truncated_json",
+    "bad_utf8",
     "failure",
     "empty_tiers",
     "zero_cost",
@@ -166,6 +167,8 @@ class ControlPlane:
             return _http(200, body, length=len(body))[: -len(body) // 2]
         if behaviour == "truncated_json":
             return _http(200, body[: len(body) // 2])
+        if behaviour == "bad_utf8":  # well-formed JSON but for one key that is not UTF-8
+            return _http(200, body.replace(b'"success"', b'"succ\xffess"', 1))
         return _http(200, body)
 
 

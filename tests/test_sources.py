@@ -243,6 +243,7 @@ BAD_ANSWERS = {
     "error500": "HTTP 500",
     "truncated": "RemoteProtocolError",
     "truncated_json": "not JSON",
+    "bad_utf8": "not JSON",
     "failure": "reported failure: tier table is being migrated",
     "empty_tiers": "has no models",
     "zero_cost": "relative_cost must be >= 1",

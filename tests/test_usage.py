@@ -307,6 +307,12 @@ def test_sse_bad_usage_is_ignored(bad: str) -> None:
     assert run(SSE, sse(bad, good)) == (2, 3)
 
 
+def test_sse_event_with_a_key_that_is_not_utf8_is_skipped_not_the_stream() -> None:
+    broken = b'data: {"usage": {"prompt_tokens": 1, "\xff": 1}}\n\n'
+    good = {"usage": {"prompt_tokens": 2, "completion_tokens": 3}}
+    assert run(SSE, broken, sse(good)) == (2, 3)
+
+
 def test_sse_multi_line_data_and_other_fields() -> None:
     stream = (
         b': a comment mentioning "usage": {\n'

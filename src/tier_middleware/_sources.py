@@ -133,7 +133,7 @@ class ControlPlaneSource:
             ) from None
         try:
             data = msgspec.json.decode(body)
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # msgspec.DecodeError, UnicodeDecodeError
             raise FetchError(
                 f"the response is not JSON ({_redact(str(exc), secrets)[:120]})", "not_json"
             ) from None
@@ -465,7 +465,7 @@ class ConfigManager:
         try:
             data = msgspec.json.decode(raw)
             config = TierConfig.from_data(data, source_name="the store's config copy")
-        except (msgspec.DecodeError, RecursionError, ConfigError) as exc:
+        except (ValueError, RecursionError, ConfigError) as exc:
             logger.debug("ignoring an unusable shared config copy", extra={"error": str(exc)})
             return None
         return _Copy(config, float(fetched_at))

@@ -329,7 +329,7 @@ class SseUsageTap(UsageTap):
             return
         try:
             counts = _usage_of(_decode(b"\n".join(data)))
-        except (msgspec.DecodeError, RecursionError):
+        except (ValueError, RecursionError):  # msgspec.DecodeError, UnicodeDecodeError
             return
         if counts is None:
             return
