@@ -521,9 +521,12 @@ async def test_redis_faults_under_load_fail_nothing_and_add_at_most_one_timeout(
         errors = total(registry, "llm_backend_errors_total")
         assert errors >= 1  # the fault was met, and survived
         added = p99(faulty) - p99(healthy)
-        # One socket timeout at most per request (then the in-process fallback for the
-        # cooldown) plus 50 ms for scheduling noise on a small machine.
-        assert added <= REDIS_TIMEOUT + 0.05, (fault, p99(healthy), p99(faulty), max(faulty))
+        # One Redis call at most per request pays for the fault (then the in-process fallback
+        # takes over for the cooldown). RedisStore bounds a call by its 100 ms timeout for the
+        # reply, plus up to as much again waiting for a pooled connection while the fault
+        # holds them all, so one call adds less than 2 x 100 ms; paying for a second call
+        # would take a request past that.
+        assert added < 2 * REDIS_TIMEOUT, (fault, p99(healthy), p99(faulty), max(faulty))
 
         if fault == "kill":
             server.start()
