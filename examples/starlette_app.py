@@ -31,13 +31,8 @@ after /admin/recover. The /admin paths are not routed, so the middleware leaves 
 
 from __future__ import annotations
 
-import json
 import os
-import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -47,27 +42,12 @@ from starlette.routing import Route
 
 from tier_middleware import TierRoutingMiddleware
 
+try:
+    from examples import fake_provider
+except ImportError:  # run as a script: python examples/starlette_app.py
+    import fake_provider  # type: ignore[no-redef]
+
 CONFIG = Path(__file__).with_name("tiers.toml")
-
-# model -> HTTP status the fake provider answers with instead of a completion
-FAILING: dict[str, int] = {}
-
-
-def _words(text: Any) -> int:
-    return len(text.split()) if isinstance(text, str) else 0
-
-
-def _reply(body: dict[str, Any], model: str) -> tuple[str, dict[str, int]]:
-    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-    asked = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
-    text = f"Hello from {model}! You said: {asked if isinstance(asked, str) else '...'}"
-    prompt = sum(_words(m.get("content")) for m in messages)
-    usage = {
-        "prompt_tokens": prompt,
-        "completion_tokens": _words(text),
-        "total_tokens": prompt + _words(text),
-    }
-    return text, usage
 
 
 async def chat_completions(request: Request) -> Response:
@@ -75,84 +55,27 @@ async def chat_completions(request: Request) -> Response:
     # Set by the middleware when the request named a tier; absent on a plain `"model": "..."` call.
     selection = getattr(request.state, "tier_selection", None)
     model = body.get("model") or "unknown"
-    status = FAILING.get(model)
-    if status is not None:
-        error = {"message": f"fake provider: {model} is failing", "type": "server_error"}
-        return JSONResponse({"error": {**error, "param": None, "code": status}}, status)
-
-    text, usage = _reply(body, model)
-    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if body.get("stream"):
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(
-            _chunks(ident, created, model, text, usage if include_usage else None),
-            media_type="text/event-stream",
-        )
-    info: dict[str, Any] = {"received": body}
+    if model in fake_provider.FAILING:
+        return JSONResponse(fake_provider.error(model), fake_provider.FAILING[model])
+    reply = fake_provider.Reply(body, model)
+    if reply.streamed:
+        return StreamingResponse(reply.chunks(), media_type="text/event-stream")
+    info = {}
     if selection is not None:
-        prices = selection.config
-        info |= {
+        info = {
             "tier": selection.tier,
             "provider": selection.provider,
-            "cost_usd": (
-                usage["prompt_tokens"] * prices.input_price_per_million
-                + usage["completion_tokens"] * prices.output_price_per_million
-            )
-            / 1_000_000,
+            "cost_usd": reply.cost(selection.config),
         }
-    return JSONResponse(
-        {
-            "id": ident,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": usage,
-            "x_fake_provider": info,
-        }
-    )
-
-
-async def _chunks(
-    ident: str, created: int, model: str, text: str, usage: dict[str, int] | None
-) -> AsyncIterator[str]:
-    """The reply as OpenAI `chat.completion.chunk` events, one per word, then `[DONE]`."""
-
-    def event(delta: dict[str, str] | None, finish: str | None = None, **extra: Any) -> str:
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-        chunk = {"id": ident, "object": "chat.completion.chunk", "created": created}
-        return f"data: {json.dumps({**chunk, 'model': model, 'choices': choices, **extra})}\n\n"
-
-    yield event({"role": "assistant", "content": ""})
-    for i, word in enumerate(text.split(" ")):
-        yield event({"content": word if i == 0 else " " + word})
-    yield event({}, "stop")
-    if usage is not None:  # only when asked for with "stream_options": {"include_usage": true}
-        yield event(None, usage=usage)
-    yield "data: [DONE]\n\n"
+    return JSONResponse(reply.completion(info))
 
 
 async def fail(request: Request) -> Response:
-    """{"model": "gpt-4o-mini", "status": 503}: that model answers `status` from now on."""
-    body = await request.json()
-    FAILING[body["model"]] = int(body.get("status", 503))
-    return JSONResponse({"failing": FAILING})
+    return JSONResponse(fake_provider.fail(await request.json()))
 
 
 async def recover(request: Request) -> Response:
-    """{"model": "..."} recovers one model, {} all of them."""
-    body = await request.json() if await request.body() else {}
-    if "model" in body:
-        FAILING.pop(body["model"], None)
-    else:
-        FAILING.clear()
-    return JSONResponse({"failing": FAILING})
+    return JSONResponse(fake_provider.recover(await request.json() if await request.body() else {}))
 
 
 app = Starlette(
