@@ -319,13 +319,7 @@ class Metrics:
         self._add(self.tier_unavailable.values, (tier,), 1.0)
 
     def duration(self, sel: Selection, seconds: float) -> None:
-        histogram = self.request_duration
-        row = histogram.values.get(sel.labels)
-        if row is None:
-            histogram.observe(sel.labels, seconds)
-            return
-        row[bisect_left(histogram.bounds, seconds)] += 1
-        row[-1] += seconds
+        self.request_duration.observe(sel.labels, seconds)
 
     def session_upgrade(self, from_tier: str, to_tier: str) -> None:
         self._add(self.session_upgrades.values, (from_tier, to_tier), 1.0)

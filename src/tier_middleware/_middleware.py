@@ -360,18 +360,10 @@ class _Exchange:
                     raise _too_large(mw.max_body_bytes)
                 return None
             first = await self.receive()
-            body = first.get("body", b"")
-            if (
-                first["type"] == "http.request"
-                and not first.get("more_body", False)
-                and len(body) <= mw.max_body_bytes
-            ):
-                self.body = body  # the whole body in one message: the common case
-                self.buffered = [body]
-            else:
+            if not self._hold_whole(first, strict):
                 await self._buffer(first, strict)
-                if not self.complete:
-                    return None
+            if not self.complete:
+                return None
             if self.body:
                 payload = parse_object(self.body)
                 if payload is None:
@@ -386,7 +378,9 @@ class _Exchange:
             declared is None and not chunked
         ):
             # Not JSON but small enough to hold: keep it so a failed call can be replayed.
-            await self._buffer(await self.receive(), strict)
+            first = await self.receive()
+            if not self._hold_whole(first, strict):
+                await self._buffer(first, strict)
         tier = found[0][1] if len(found) == 1 else agree(found)
         if tier is None:
             tier = self.policy.default_tier
@@ -437,19 +431,23 @@ class _Exchange:
                 )
         return mw.router
 
-    async def _buffer(self, first: Message, strict: bool) -> None:
-        """Hold the body whose first message is `first`, up to the cap."""
-        limit = self.mw.max_body_bytes
-        if first["type"] == "http.request" and not first.get("more_body", False):
-            body = first.get("body", b"")
-            if len(body) > limit:
-                if strict:
-                    raise _too_large(limit)
-                self.buffered = [body]
-                return
+    def _hold_whole(self, first: Message, strict: bool) -> bool:
+        """Hold a body that came whole in its first message (the common case, with no await);
+        False when more is to come and `_buffer` must read it."""
+        if first["type"] != "http.request" or first.get("more_body", False):
+            return False
+        body = first.get("body", b"")
+        self.buffered = [body]
+        if len(body) > self.mw.max_body_bytes:
+            if strict:
+                raise _too_large(self.mw.max_body_bytes)
+        else:
             self.body = body
-            self.buffered = [body]
-            return
+        return True
+
+    async def _buffer(self, first: Message, strict: bool) -> None:
+        """Hold the body whose first message is `first` and that goes on, up to the cap."""
+        limit = self.mw.max_body_bytes
         if first["type"] == "http.disconnect":
             self.disconnected = True
         try:
@@ -707,20 +705,26 @@ class _Attempt:
         return await ex._receive_live()
 
     async def send(self, message: Message) -> None:
-        if message["type"] != "http.response.start":
-            if self.next is not None:
-                return  # draining a response that will be retried
-            tap = self.tap
-            if tap is not None and message["type"] == "http.response.body":
-                tap.feed(message.get("body", b""))
-            try:
-                await self.exchange.send(message)
-            except Exception:
-                # The server's send fails once the client has gone (ASGI 2.4: OSError): whatever
-                # the app makes of that, it is no provider failure.
-                self.exchange.disconnected = True
-                raise
-            return
+        if message["type"] == "http.response.start":
+            start = await self._start(message)
+            if start is None:
+                return  # dropped: this attempt's failure is retried on another model
+            message = start
+        elif self.next is not None:
+            return  # draining a response that will be retried
+        elif self.tap is not None and message["type"] == "http.response.body":
+            self.tap.feed(message.get("body", b""))
+        try:
+            await self.exchange.send(message)
+        except Exception:
+            # The server's send fails once the client has gone (ASGI 2.4: OSError): whatever
+            # the app makes of that, it is no provider failure.
+            self.exchange.disconnected = True
+            raise
+
+    async def _start(self, message: Message) -> Message | None:
+        """Record the outcome the status tells; the response start to send, with our headers,
+        or None when the response is dropped for a retry."""
         ex = self.exchange
         sel = self.selection
         mw = ex.mw
@@ -732,7 +736,7 @@ class _Attempt:
             if self.can_retry:
                 self.next = await ex.alternative()
                 if self.next is not None:
-                    return
+                    return None
         elif status < 400:
             self.recorded = True
             if mw.state.shared_health:
@@ -756,11 +760,7 @@ class _Attempt:
                 else UsageTap.for_content_type(status, content_type, encoding)
             )
         self.started = True
-        try:
-            await ex.send({**message, "headers": out})
-        except Exception:
-            ex.disconnected = True  # as above: the client has gone
-            raise
+        return {**message, "headers": out}
 
 
 def _by_name(headers: Any) -> dict[bytes, bytes] | None:

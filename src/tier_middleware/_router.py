@@ -175,25 +175,6 @@ class TierRouter:
         exclude: Collection[Key] = (),
     ) -> Selection:
         """`select` without the coroutine (and without a fleet-wide probe lease)."""
-        if preferred_provider is None and not exclude:
-            # The common case, checked first: a current pool whose models are all plainly
-            # healthy (a pending backoff or probe would give it a finite `valid_until`).
-            pool = self._pools.get(tier)
-            health = self.health
-            if (
-                pool is not None
-                and pool.version == health.version
-                and pool.valid_until == _NEVER
-                and pool.choices
-            ):
-                choices = pool.choices
-                if len(choices) == 1:
-                    chosen = choices[0]
-                else:
-                    index = bisect_right(pool.cumulative, self._rng.random() * pool.total)
-                    chosen = choices[min(index, len(choices) - 1)]
-                if health.acquire(chosen.provider, chosen.model):
-                    return chosen
         for _ in range(3):
             chosen, granted = self._draw(tier, preferred_provider, exclude)
             if granted:
@@ -217,7 +198,12 @@ class TierRouter:
             raise UnknownTier(tier, self._config.tier_order)
         health = self.health
         pool = self._pools.get(tier)
-        if pool is None or pool.version != health.version or health.clock() >= pool.valid_until:
+        if (
+            pool is None
+            or pool.version != health.version
+            # Most pools never expire (no model with a pending change): no clock read for them.
+            or (pool.valid_until != _NEVER and health.clock() >= pool.valid_until)
+        ):
             pool = self._pools[tier] = self._build(tier)
         if not pool.choices:
             raise NoHealthyModel(tier, self._retry_after(tier, exclude))

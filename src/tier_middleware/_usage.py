@@ -64,6 +64,14 @@ def _usage_of(obj: Any) -> Counts | None:
     result None when there is no usage object or it holds a bad value."""
     if not isinstance(obj, dict):
         return None
+    usage = obj.get("usage")
+    if type(usage) is dict:  # the common OpenAI shape, checked without the general search
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if type(prompt) is int and type(completion) is int:
+            if 0 <= prompt <= _MAX_TOKENS and 0 <= completion <= _MAX_TOKENS:
+                return prompt, completion
+            return None
     for holder in (obj, obj.get("message"), obj.get("response")):
         if not isinstance(holder, dict):
             continue
@@ -203,20 +211,7 @@ class JsonUsageTap(UsageTap):
             # Most replies without usage are skipped without parsing ("usage", "usageMetadata").
             if b'"usage' in body:
                 try:
-                    reply = _decode(body)
-                    usage = reply.get("usage") if type(reply) is dict else None
-                    if type(usage) is dict:  # the OpenAI chat shape, read without more calls
-                        prompt = usage.get("prompt_tokens")
-                        completion = usage.get("completion_tokens")
-                        if (
-                            type(prompt) is int
-                            and type(completion) is int
-                            and 0 <= prompt <= _MAX_TOKENS
-                            and 0 <= completion <= _MAX_TOKENS
-                        ):
-                            self._result = (prompt, completion)
-                            return self._result
-                    counts = _usage_of(reply)
+                    counts = _usage_of(_decode(body))
                 except Exception:
                     counts = None
                 if counts is not None:
