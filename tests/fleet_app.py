@@ -38,26 +38,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from configs import two_per_tier
 from tier_middleware import ControlPlaneSource, HealthConfig, TierRoutingMiddleware
 
 CHAT_PATH = "/v1/chat/completions"
-CONFIG: dict[str, Any] = {
-    "version": "static-1",
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "haiku", "relative_cost": 1},
-        ],
-        "moderate": [
-            {"provider": "openai", "model": "4o", "relative_cost": 1},
-            {"provider": "anthropic", "model": "sonnet", "relative_cost": 1},
-        ],
-        "complex": [
-            {"provider": "openai", "model": "o3", "relative_cost": 1},
-            {"provider": "anthropic", "model": "opus", "relative_cost": 1},
-        ],
-    },
-}
+CONFIG = two_per_tier("static-1")
 
 INSTANCE = os.environ.get("INSTANCE", "fleet")
 calls: list[str] = []  # the model of every call the provider received, in order

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from _clock import FakeClock
 from asgi_harness import Client, Result, call, http_scope
+from configs import two_per_tier
 from control_plane import ControlPlane
 from redis_server import RedisServer
 from tier_middleware import ControlPlaneSource, HealthConfig, HealthTracker, TierRoutingMiddleware
@@ -42,23 +43,7 @@ JSON = ("content-type", "application/json")
 PROVIDER_ERROR = b'{"error":{"code":"provider_overloaded","message":"try again later"}}'
 
 # Two models per tier, equal weights: a retry always has somewhere to go.
-CONFIG: dict[str, Any] = {
-    "version": "faults-1",
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "haiku", "relative_cost": 1},
-        ],
-        "moderate": [
-            {"provider": "openai", "model": "4o", "relative_cost": 1},
-            {"provider": "anthropic", "model": "sonnet", "relative_cost": 1},
-        ],
-        "complex": [
-            {"provider": "openai", "model": "o3", "relative_cost": 1},
-            {"provider": "anthropic", "model": "opus", "relative_cost": 1},
-        ],
-    },
-}
+CONFIG = two_per_tier("faults-1")
 # Three models for the backoff-and-recovery run, so the tier is rarely down all at once.
 WIDE_CONFIG: dict[str, Any] = {
     "tiers": {

@@ -11,18 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asgi_harness import Client, Provider, http_scope
+from configs import weighted
 from tier_middleware import RoutePolicy, TierRoutingMiddleware
 
-CONFIG = {
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "haiku", "relative_cost": 2},
-        ],
-        "moderate": [{"provider": "openai", "model": "4o", "relative_cost": 4}],
-        "complex": [{"provider": "anthropic", "model": "opus", "relative_cost": 10}],
-    }
-}
+CONFIG = weighted()
 CODES = {
     400: {
         "invalid_json",

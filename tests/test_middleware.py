@@ -13,6 +13,7 @@ import pytest
 
 from _clock import FakeClock
 from asgi_harness import Client, Provider, call, http_scope
+from configs import weighted
 from tier_middleware import (
     HealthConfig,
     HealthTracker,
@@ -24,17 +25,7 @@ from tier_middleware import (
 
 pytestmark = pytest.mark.anyio
 
-CONFIG = {
-    "version": "t1",
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "haiku", "relative_cost": 2},
-        ],
-        "moderate": [{"provider": "openai", "model": "4o", "relative_cost": 4}],
-        "complex": [{"provider": "anthropic", "model": "opus", "relative_cost": 10}],
-    },
-}
+CONFIG = weighted("t1")
 ROUTE = "/v1/chat/completions"
 SIMPLE = {"mini", "haiku"}
 

@@ -9,30 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from _clock import FakeClock
+from configs import two_per_tier
 from tier_middleware import HealthTracker, TierConfig, TierRouter
 from tier_middleware._sessions import decide, session_key, valid_session_id
 from tier_middleware._stores.base import SessionRecord
 
 pytestmark = pytest.mark.anyio
 
-CONFIG = TierConfig.load(
-    {
-        "tiers": {
-            "simple": [
-                {"provider": "openai", "model": "mini", "relative_cost": 1},
-                {"provider": "anthropic", "model": "haiku", "relative_cost": 1},
-            ],
-            "moderate": [
-                {"provider": "openai", "model": "4o", "relative_cost": 1},
-                {"provider": "anthropic", "model": "sonnet", "relative_cost": 1},
-            ],
-            "complex": [
-                {"provider": "openai", "model": "o3", "relative_cost": 1},
-                {"provider": "anthropic", "model": "opus", "relative_cost": 1},
-            ],
-        }
-    }
-)
+CONFIG = TierConfig.load(two_per_tier())
 
 
 def router(seed: int = 0) -> TierRouter:

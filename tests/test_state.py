@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from asgi_harness import Provider, call
+from configs import two_per_tier
 from control_plane import ControlPlane, tier_payload
 from redis_server import BlackHole, RedisServer
 from tier_middleware import ControlPlaneSource, HealthConfig, TierRoutingMiddleware
@@ -18,22 +19,7 @@ from tier_middleware import ControlPlaneSource, HealthConfig, TierRoutingMiddlew
 pytestmark = pytest.mark.anyio
 
 ROUTE = "/v1/chat/completions"
-CONFIG = {
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "haiku", "relative_cost": 1},
-        ],
-        "moderate": [
-            {"provider": "openai", "model": "4o", "relative_cost": 1},
-            {"provider": "anthropic", "model": "sonnet", "relative_cost": 1},
-        ],
-        "complex": [
-            {"provider": "openai", "model": "o3", "relative_cost": 1},
-            {"provider": "anthropic", "model": "opus", "relative_cost": 1},
-        ],
-    }
-}
+CONFIG = two_per_tier()
 PROVIDER_OF = {m["model"]: m["provider"] for ms in CONFIG["tiers"].values() for m in ms}
 
 
