@@ -39,22 +39,19 @@ from __future__ import annotations
 import os
 import sys
 
-# `python bench/middleware.py` puts bench/ first on sys.path, where a sibling script's name can
-# shadow a stdlib module (a bench/select.py would shadow `select`, which asyncio imports).
-# Nothing here is imported from bench/, so drop that entry before importing anything else.
+# `python bench/middleware.py` puts bench/ first on sys.path, where a sibling script's name could
+# shadow a stdlib module: move it last, so that only bench/_support.py is found there.
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
+    sys.path.append(sys.path.pop(0))
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import http.client
 import json
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -62,6 +59,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _support import HOST, child_setup, cpu_seconds, free_port, stop, wait_listening
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -71,7 +69,6 @@ from starlette.routing import Route
 from tier_middleware import TierRoutingMiddleware
 
 CHAT_PATH = "/v1/chat/completions"
-HOST = "127.0.0.1"  # loopback only
 TARGET_ADDED_US = 15.0
 TARGET_RATIO = 0.90
 CONNECTIONS = 32
@@ -432,12 +429,6 @@ def run_loop(coro: Any) -> Any:
 # -- (b) over HTTP --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def serve(variant: str, port: int) -> None:
     """Child process: run uvicorn for one variant (invoked via the hidden --serve flag)."""
     import uvicorn
@@ -455,36 +446,9 @@ def serve(variant: str, port: int) -> None:
     )
 
 
-def pin_to(cpu: int | None) -> Callable[[], None]:
-    """preexec_fn for a child: pin it to `cpu` (if any), and have Linux send it SIGTERM when
-    this script dies, so no server outlives the benchmark even if it is killed."""
-
-    def setup() -> None:
-        with contextlib.suppress(Exception):
-            import ctypes
-            import signal
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})
-
-    return setup
-
-
 def start_server(variant: str, port: int, cpu: int | None) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", variant, "--port", str(port)]
-    return subprocess.Popen(cmd, preexec_fn=pin_to(cpu), stdin=subprocess.DEVNULL)
-
-
-def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"server on port {port} not ready after {timeout} s")
+    return subprocess.Popen(cmd, preexec_fn=child_setup(cpu), stdin=subprocess.DEVNULL)
 
 
 def check_http(variant: str, port: int) -> None:
@@ -502,26 +466,6 @@ def check_http(variant: str, port: int) -> None:
             assert resp.getheader("x-tier") is None
     finally:
         conn.close()
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux /proc), None where unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 WRK_LUA = """\
@@ -548,7 +492,7 @@ def run_wrk(
         "-s", lua, f"http://{HOST}:{port}{CHAT_PATH}",
     ]  # fmt: skip
     out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=seconds + 30, preexec_fn=pin_to(cpu)
+        cmd, capture_output=True, text=True, timeout=seconds + 30, preexec_fn=child_setup(cpu)
     )
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed: {out.stderr or out.stdout}")
@@ -652,7 +596,7 @@ def run_pyload(
         capture_output=True,
         text=True,
         timeout=warmup + seconds + 30,
-        preexec_fn=pin_to(cpu),
+        preexec_fn=child_setup(cpu),
     )
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr}")
@@ -684,7 +628,7 @@ def over_http(seconds: float, warmup: float, rounds: int, loadgen: str) -> dict[
                 body = body_for(variant)
                 proc = start_server(variant, port, server_cpu)
                 try:
-                    wait_ready(proc, port)
+                    wait_listening(proc, port)
                     check_http(variant, port)
                     if use_wrk:
                         run_wrk(port, body, warmup, gen_cpu, workdir)  # warm-up, discarded
@@ -695,7 +639,7 @@ def over_http(seconds: float, warmup: float, rounds: int, loadgen: str) -> dict[
                         res = run_pyload(port, body, warmup, seconds, gen_cpu, workdir)
                     cpu1 = cpu_seconds(proc.pid)
                 finally:
-                    stop_server(proc)
+                    stop(proc)
                 res["cpu_us"] = (
                     (cpu1 - cpu0) / res["requests"] * 1e6
                     if cpu0 is not None and cpu1 is not None and res["requests"]

@@ -37,28 +37,33 @@ from __future__ import annotations
 import os
 import sys
 
-# `python bench/redis_sessions.py` puts bench/ first on sys.path, where a sibling script could
-# shadow a module imported below. Nothing is imported from bench/: drop that entry first.
+# `python bench/redis_sessions.py` puts bench/ first on sys.path, where a sibling script's name could
+# shadow a stdlib module: move it last, so that only bench/_support.py is found there.
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
+    sys.path.append(sys.path.pop(0))
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import json
 import logging
 import platform
-import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
-HOST = "127.0.0.1"
+from _support import (
+    HOST,
+    START_TIMEOUT,
+    child_setup,
+    cpu_seconds,
+    free_port,
+    start_redis,
+    stop,
+    wait_listening,
+)
+
 CHAT_PATH = "/v1/chat/completions"
 CONNECTIONS = 32
 SESSIONS_PER_CONNECTION = 4
@@ -93,7 +98,6 @@ BODY = json.dumps(
 AUTH = "Bearer sk-bench-0000000000000000000000000000"
 # Commands the measuring client sends itself (connection handshake, the INFO queries).
 MEASURING = frozenset({"info", "hello", "client", "ping", "select", "command"})
-START_TIMEOUT = 20.0
 
 
 def has(module: str) -> bool:
@@ -165,71 +169,6 @@ def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
 # -- processes -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def child_setup(cpu: int | None) -> Callable[[], None]:
-    """preexec_fn: pin the child to `cpu` (if any); have Linux SIGTERM it if we die first."""
-
-    def setup() -> None:
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})
-
-    return setup
-
-
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-def redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def start_redis(workdir: str, cpu: int | None) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which(os.environ.get("REDIS_SERVER") or "redis-server")
-    if binary is None:
-        raise SystemExit("no redis-server on PATH (set REDIS_SERVER, or pass --redis-url)")
-    port = free_port()
-    args = [
-        binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-        "--daemonize", "no", "--dir", workdir, "--logfile", os.path.join(workdir, "redis.log"),
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=child_setup(cpu),
-    )
-    deadline = time.monotonic() + START_TIMEOUT
-    while not redis_ping(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"redis-server did not start on port {port}")
-        time.sleep(0.01)  # polling interval
-    return proc, f"redis://{HOST}:{port}/0"
-
-
 def start_server(
     variant: str, port: int, redis_url: str, prefix: str, cpu: int | None, log: str
 ) -> subprocess.Popen[bytes]:
@@ -241,18 +180,6 @@ def start_server(
         return subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, preexec_fn=child_setup(cpu)
         )
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds a process has used so far (Linux /proc), else None."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 # -- the load generator (this process) -------------------------------------------------------------
@@ -279,23 +206,6 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     i = lower.index(b"content-length:") + 15
     length = int(lower[i : lower.index(b"\r\n", i)])
     return head, await reader.readexactly(length)
-
-
-async def wait_http(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            _, writer = await asyncio.open_connection(HOST, port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no server on port {port} after {START_TIMEOUT} s") from None
-            await asyncio.sleep(0.02)  # polling interval
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
 
 
 async def check(port: int, variant: str) -> None:
@@ -441,9 +351,9 @@ def run_variant(
     log = os.path.join(workdir, f"server-{variant}.log")
     proc = start_server(variant, port, redis_url, prefix, server_cpu, log)
     try:
+        wait_listening(proc, port)
 
         async def go() -> dict[str, Any]:
-            await wait_http(port, proc)
             await check(port, variant)
             pids = {"server": proc.pid, "redis": redis_pid}
             return await drive(port, variant, redis_url, prefix, warmup, seconds, pids)
@@ -584,7 +494,8 @@ def main() -> int:
                 redis_url, own = args.redis_url, False
                 where = "the given --redis-url (commands of other clients are counted too)"
             else:
-                redis_proc, redis_url = start_redis(workdir, gen_cpu)
+                redis_proc, redis_port = start_redis(workdir, gen_cpu)
+                redis_url = f"redis://{HOST}:{redis_port}/0"
                 own = True
                 where = f"own redis-server at {redis_url}"
             print(f"redis: {where}, version {redis_version(redis_url)}")

@@ -37,10 +37,10 @@ from __future__ import annotations
 import os
 import sys
 
-# `python bench/soak.py` puts bench/ first on sys.path, where a sibling script could shadow a
-# module imported below. Nothing is imported from bench/: drop that entry first.
+# `python bench/soak.py` puts bench/ first on sys.path, where a sibling script's name could
+# shadow a stdlib module: move it last, so that only bench/_support.py is found there.
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
+    sys.path.append(sys.path.pop(0))
 
 import argparse
 import asyncio
@@ -58,12 +58,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-HOST = "127.0.0.1"  # loopback only
+from _support import HOST, START_TIMEOUT, child_setup, free_port, start_redis, stop
+
 CHAT_PATH = "/v1/chat/completions"
 DEBUG_PATH = "/debug/soak"
 SAMPLE_EVERY = 5.0  # seconds
 MARK = 20.0  # growth is measured from here to the end (half-way in runs under 40 s)
-START_TIMEOUT = 20.0
 CONNECTIONS = 64
 MAX_IN_FLIGHT = 512  # beyond this the generator skips a beat rather than pile up without end
 REQUEST_TIMEOUT = 10.0
@@ -174,67 +174,6 @@ def serve(port: int, redis_url: str) -> None:
 # -- processes ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def die_with_parent() -> None:
-    """preexec_fn: have Linux SIGTERM the child if this process dies first."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def stop(proc: subprocess.Popen[bytes] | None) -> int | None:
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    return proc.returncode
-
-
-def redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which(os.environ.get("REDIS_SERVER") or "redis-server")
-    if binary is None:
-        raise SystemExit("no redis-server on PATH (set REDIS_SERVER)")
-    port = free_port()
-    args = [
-        binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-        "--daemonize", "no", "--dir", workdir, "--logfile", os.path.join(workdir, "redis.log"),
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=die_with_parent,
-    )
-    deadline = time.monotonic() + START_TIMEOUT
-    while not redis_ping(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"redis-server did not start on port {port}")
-        time.sleep(0.01)  # polling interval
-    return proc, port
-
-
 def redis_command(port: int, *args: str) -> bytes:
     """One command over a plain socket (RESP); the raw first reply line and what follows."""
     payload = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
@@ -248,7 +187,7 @@ def start_server(port: int, redis_url: str, log: str) -> subprocess.Popen[bytes]
     cmd += ["--redis-url", redis_url]
     with open(log, "wb") as out:
         return subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, preexec_fn=die_with_parent
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, preexec_fn=child_setup()
         )
 
 
