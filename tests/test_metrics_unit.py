@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_lat
 from prometheus_client.parser import text_string_to_metric_families
 
 from _clock import FakeClock
+from samples import scrape, series, value
 from tier_middleware import (
     HealthConfig,
     HealthTracker,
@@ -23,27 +24,9 @@ from tier_middleware import (
     Selection,
     TierConfig,
     TierRouter,
+    status_app,
 )
 from tier_middleware._metrics import DURATION_BUCKETS, Metrics, metrics_app
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(registry: CollectorRegistry) -> Samples:
-    text = generate_latest(registry).decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    return {labels: v for (n, labels), v in samples.items() if n == name}
 
 
 def family_names(registry: CollectorRegistry) -> set[str]:
@@ -509,8 +492,9 @@ async def test_metrics_app_serves_the_registry(registry: CollectorRegistry) -> N
 
 
 @pytest.mark.anyio
-async def test_metrics_app_acknowledges_lifespan(registry: CollectorRegistry) -> None:
-    app = metrics_app(registry)
+@pytest.mark.parametrize("which", ["metrics_app", "status_app"])
+async def test_the_small_apps_acknowledge_lifespan(registry: CollectorRegistry, which: str) -> None:
+    app = metrics_app(registry) if which == "metrics_app" else status_app()
     incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     sent: list[dict[str, Any]] = []
 

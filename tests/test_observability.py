@@ -34,6 +34,7 @@ from starlette.routing import Mount, Route
 
 from _clock import FakeClock
 from asgi_harness import call
+from samples import Samples, parse, series, total, value
 from tier_middleware import (
     HealthConfig,
     HealthTracker,
@@ -162,31 +163,6 @@ class FakeLLM:
 
 
 # -- scraping -------------------------------------------------------------------------------------
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    """The sample with exactly these labels; None when the series does not exist."""
-    return samples.get((name, frozenset(labels.items())))
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
-
-
-def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    return {lab: v for (n, lab), v in samples.items() if n == name}
 
 
 def chat_body(tier: str | None = None, via: str = "body", **fields: Any) -> dict[str, Any]:

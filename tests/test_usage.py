@@ -643,19 +643,3 @@ async def test_status_uses_the_registered_sources() -> None:
         assert not [n for n in names if n.startswith("registered-")]
     finally:
         unregister_status_source(first)
-
-
-@pytest.mark.anyio
-async def test_status_app_acknowledges_lifespan() -> None:
-    app = status_app()
-    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return incoming.pop(0)
-
-    async def send(message: Any) -> None:
-        sent.append(dict(message))
-
-    await app({"type": "lifespan"}, receive, send)
-    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
