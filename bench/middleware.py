@@ -817,7 +817,7 @@ def _counting(counts: Any, calls: Any) -> Any:
 
 def _ablations() -> None:
     """The middleware around a trivial ASGI app, with one piece switched off at a time."""
-    import tier_middleware._middleware as tm
+    import tier_middleware._attempt as tm
 
     print("\n== profile 3: ablations around a trivial ASGI app (us per request, best of 3) ==")
 

@@ -199,11 +199,14 @@ def test_failing_model_is_retried_on_the_other_one(
             assert response.headers["x-tier-model"] == "gemini-2.0-flash"
             assert response.headers["x-tier-attempts"] == "1"
 
-        # The other one fails too: its own answer reaches the client, then the middleware's 503.
+        # The other one fails too: its own answer reaches the client. No request gets past it,
+        # so once three distinct requests agree, the middleware answers 503 itself.
         http.post("/admin/fail", json={"model": "gemini-2.0-flash", "status": 502})
-        response = http.post("/v1/chat/completions", json=body)
-        assert response.status_code == 502
-        assert response.headers["x-tier-model"] == "gemini-2.0-flash"
+        for n in range(3):
+            distinct = {**body, "messages": [{"role": "user", "content": f"question {n}"}]}
+            response = http.post("/v1/chat/completions", json=distinct)
+            assert response.status_code == 502
+            assert response.headers["x-tier-model"] == "gemini-2.0-flash"
         response = http.post("/v1/chat/completions", json=body)
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "service_unavailable"

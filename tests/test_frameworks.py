@@ -462,7 +462,23 @@ async def test_last_failure_reaches_the_client_when_every_model_fails(harness: H
         "x-tier-attempts": "2",
     }
 
-    # Both are backed off now: the middleware answers without calling the app.
+    # The request never got past its failures: evidence against both models, not proof.
+    assert harness.health.status("openai", "gpt-4o-mini").state == "available"
+    assert harness.health.status("openai", "gpt-4o-mini").unconfirmed_failures == 1
+    # Sent again (a client's retry), the same body is a suspect: one attempt, counted nowhere.
+    again = await harness.chat({"tier": "simple", "messages": MESSAGES})
+    assert again.status_code == 503
+    assert again.headers["x-tier-attempts"] == "1"
+    assert harness.health.status("openai", "gpt-4o-mini").unconfirmed_failures == 1
+    # Failures of three distinct requests agree: both models are backed off.
+    for n in (2, 3):
+        response = await harness.chat(
+            {"tier": "simple", "messages": [{"role": "user", "content": f"{n}"}]}
+        )
+        assert response.status_code == 502
+    assert len(CALLS) == 7
+
+    # The middleware now answers without calling the app.
     response = await harness.chat({"tier": "simple", "messages": MESSAGES})
     assert response.status_code == 503
     assert response.json() == {
@@ -476,7 +492,7 @@ async def test_last_failure_reaches_the_client_when_every_model_fails(harness: H
     assert response.headers["retry-after"] == "30"
     assert response.headers["retry-after-ms"] == "30000"
     assert response.headers["x-tier-attempts"] == "0"
-    assert len(CALLS) == 2
+    assert len(CALLS) == 7
 
     # When the backoff ends and the provider is back, a probe gets through.
     FAIL.clear()
@@ -502,14 +518,17 @@ async def test_client_error_from_the_app_does_not_back_off_the_model(harness: Ha
 
 @pytest.mark.anyio
 async def test_failure_of_the_only_model_backs_it_off(harness: Harness) -> None:
-    # The counterpart of the 400 case: a 503 does take the single model out of rotation.
+    # The counterpart of the 400 case: 503s do take the single model out of rotation, once
+    # failures of three distinct requests agree (with no other model, none is proof alone).
     FAIL["gpt-4o"] = 503
-    first = await harness.chat({"tier": "moderate", "messages": MESSAGES})
-    assert first.status_code == 503
-    assert first.json() == {"error": {"message": "gpt-4o is failing", "code": 503}}
-    assert first.headers["x-tier-attempts"] == "1"  # no other model to retry on
+    for n in range(3):
+        body = {"tier": "moderate", "messages": [{"role": "user", "content": f"{n}"}]}
+        first = await harness.chat(body)
+        assert first.status_code == 503
+        assert first.json() == {"error": {"message": "gpt-4o is failing", "code": 503}}
+        assert first.headers["x-tier-attempts"] == "1"  # no other model to retry on
 
     second = await harness.chat({"tier": "moderate", "messages": MESSAGES})
     assert second.status_code == 503
     assert second.json()["error"]["code"] == "service_unavailable"
-    assert CALLS == ["gpt-4o"]
+    assert CALLS == ["gpt-4o"] * 3

@@ -118,7 +118,10 @@ def middleware(app: Any, config: Any, clock: FakeClock, **options: Any) -> TierR
         config=config,
         routes=[CHAT],
         registry=CollectorRegistry(),
-        health=HealthTracker(HealthConfig(initial_backoff=30.0), clock=clock),
+        # A lone failure counts at once here: these tests read the logs a counted failure writes.
+        health=HealthTracker(
+            HealthConfig(initial_backoff=30.0, unconfirmed_threshold=1), clock=clock
+        ),
         rng=random.Random(5),
         **options,
     )

@@ -30,12 +30,21 @@ ROUTE = "/v1/chat/completions"
 SIMPLE = {"mini", "haiku"}
 
 
+# A failure that no request got past counts at once: for the tests of what a counted failure
+# does to a lone model (the agreement of distinct requests is tested in test_attribution.py).
+AT_ONCE = HealthConfig(unconfirmed_threshold=1)
+
+
 def make(
-    app: Any = None, *, clock: FakeClock | None = None, **options: Any
+    app: Any = None,
+    *,
+    clock: FakeClock | None = None,
+    health_config: HealthConfig | None = None,
+    **options: Any,
 ) -> tuple[TierRoutingMiddleware, Provider]:
     provider = app or Provider()
     options.setdefault("routes", [ROUTE])
-    health = HealthTracker(HealthConfig(), clock=clock or FakeClock())
+    health = HealthTracker(health_config or HealthConfig(), clock=clock or FakeClock())
     mw = TierRoutingMiddleware(provider, config=CONFIG, health=health, **options)
     return mw, provider
 
@@ -442,14 +451,20 @@ async def test_retry_succeeds_and_the_failed_model_is_backed_off() -> None:
 async def test_exception_before_the_response_is_a_failure_and_is_retried() -> None:
     mw, provider = make()
     provider.raise_for.add("mini")
-    provider.raise_for.add("haiku")
+    outcomes = [await call(mw, chat(tier="simple", n=n)) for n in range(20)]
+    assert all(r.status == 200 for r in outcomes)
+    assert provider.models.count("mini") == 1  # raised once, retried on haiku, left alone
+    assert {(p, m) for p, m, _ in mw.health.unavailable()} == {("openai", "mini")}
+
+    # When every model raises, the exception propagates and nothing is proven yet.
+    mw, provider = make()
+    provider.raise_for.update({"mini", "haiku"})
     with pytest.raises(RuntimeError):
         await call(mw, chat(tier="simple"))
     assert sorted(provider.models) == ["haiku", "mini"]
-    assert {(p, m) for p, m, _ in mw.health.unavailable()} == {
-        ("openai", "mini"),
-        ("anthropic", "haiku"),
-    }
+    assert mw.health.unavailable() == []
+    assert mw.health.status("openai", "mini").unconfirmed_failures == 1
+    assert mw.health.status("anthropic", "haiku").unconfirmed_failures == 1
 
 
 async def test_caller_errors_leave_health_unchanged() -> None:
@@ -465,7 +480,7 @@ async def test_caller_errors_leave_health_unchanged() -> None:
 
 async def test_failure_retry_after_lengthens_the_backoff() -> None:
     clock = FakeClock()
-    mw, provider = make(clock=clock)
+    mw, provider = make(clock=clock, health_config=AT_ONCE)
     provider.status["4o"] = 429
     provider.response_headers = [(b"Retry-After", b"120")]
     await call(mw, chat(tier="moderate"))
@@ -488,7 +503,7 @@ async def test_failure_after_the_response_started_is_recorded_but_not_retried() 
         await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
         raise ConnectionError("upstream stream broke")
 
-    mw, _ = make(app)
+    mw, _ = make(app, health_config=AT_ONCE)
     client = Client(chunks=[chat(tier="moderate")])
     with pytest.raises(ConnectionError):
         await call(mw, client=client)
@@ -565,7 +580,7 @@ async def test_retry_after_is_clamped_and_configurable() -> None:
 
 async def test_backed_off_tier_recovers_through_a_half_open_probe() -> None:
     clock = FakeClock()
-    mw, provider = make(clock=clock)
+    mw, provider = make(clock=clock, health_config=AT_ONCE)
     provider.status["4o"] = 503
     assert (await call(mw, chat(tier="moderate"))).status == 503  # the app's own 503
     assert (await call(mw, chat(tier="moderate"))).headers["retry-after"] == "30"

@@ -42,7 +42,7 @@ from tier_middleware import (
     metrics_app,
     status_app,
 )
-from tier_middleware import _middleware as middleware_module
+from tier_middleware import _attempt as middleware_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "examples" / "grafana" / "tier-routing.json"
@@ -94,7 +94,10 @@ CONFIG: dict[str, Any] = {
 }
 TIERS = ("simple", "moderate", "complex")
 # Failing models stay in rotation: every request draws again, so failures and retries pile up.
-NEVER_BACK_OFF = HealthConfig(failure_threshold=10**9)
+NEVER_BACK_OFF = HealthConfig(failure_threshold=10**9, unconfirmed_threshold=1)
+# These tests look at what counted failures show, so a failure no request got past counts at
+# once here (the agreement of distinct requests is tested in test_attribution.py).
+AT_ONCE = HealthConfig(unconfirmed_threshold=1)
 
 
 # -- the fake LLM endpoint ------------------------------------------------------------------------
@@ -188,14 +191,18 @@ class Stack:
         self.registry = registry
         self.client = client
         self.clock = clock
+        self.sent = 0
 
     async def chat(
         self, tier: str, *, via: str = "body", headers: dict[str, str] | None = None
     ) -> httpx.Response:
+        """A chat request; each from another user (distinct bodies, as real traffic has)."""
         headers = dict(headers or {})
         if via == "header":
             headers["x-tier"] = tier
-        return await self.client.post(CHAT, json=chat_body(tier, via), headers=headers)
+        self.sent += 1
+        body = chat_body(tier, via, user=f"user-{self.sent}")
+        return await self.client.post(CHAT, json=body, headers=headers)
 
     async def scrape(self) -> Samples:
         response = await self.client.get("/metrics/")
@@ -224,7 +231,7 @@ async def running(
     llm = llm or FakeLLM()
     registry = registry if registry is not None else CollectorRegistry()
     clock = clock or FakeClock()
-    tracker = HealthTracker(health or HealthConfig(), clock=clock, rng=random.Random(seed))
+    tracker = HealthTracker(health or AT_ONCE, clock=clock, rng=random.Random(seed))
     app = Starlette(
         routes=[Route(CHAT, llm, methods=["POST"]), Mount("/metrics", metrics_app(registry))]
     )
@@ -412,7 +419,7 @@ async def test_duration_is_one_observation_per_attempt_up_to_the_response_start(
 async def test_provider_health_gauge_follows_the_backoff_on_the_injected_clock() -> None:
     llm = FakeLLM()
     llm.status["opus"] = 503
-    config = HealthConfig(initial_backoff=30.0, max_backoff=300.0)
+    config = HealthConfig(initial_backoff=30.0, max_backoff=300.0, unconfirmed_threshold=1)
     async with running(llm, health=config) as s:
         before = await s.scrape()
         health = series(before, "llm_provider_health")
@@ -455,7 +462,9 @@ async def test_provider_health_gauge_follows_the_backoff_on_the_injected_clock()
 async def test_tier_unavailable_counts_the_middlewares_own_503s_only() -> None:
     llm = FakeLLM()
     llm.status.update({"opus": 503, "4o": 500, "haiku": 500})
-    async with running(llm, health=HealthConfig(initial_backoff=30.0)) as s:
+    async with running(
+        llm, health=HealthConfig(initial_backoff=30.0, unconfirmed_threshold=1)
+    ) as s:
         first = await s.chat("complex")
         assert first.status_code == 503
         assert first.headers["x-tier-attempts"] == "1"  # the provider's 503: not "unavailable"

@@ -495,8 +495,8 @@ async def test_redis_key_layout(redis_store: RedisStore, redis_server: RedisServ
     with redis_server.client() as raw:
         assert raw.get("tier:s:owner:s1") == REC.dumps()
         assert raw.hgetall("tier:config") == {b"raw": b"{}", b"fetched_at": repr(NOW).encode()}
-        failures, until = raw.hget("tier:health", "openai\ngpt-4o").split(b":")  # type: ignore[union-attr]
-        assert (int(failures), float(until)) == (1, NOW + 10.0)
+        failures, until, since = raw.hget("tier:health", "openai\ngpt-4o").split(b":")  # type: ignore[union-attr]
+        assert (int(failures), float(until), float(since)) == (1, NOW + 10.0, NOW)
         assert raw.get("tier:probe:openai\ngpt-4o") == b"1"
         assert raw.get("tier:lock:refresh") == token.encode()  # type: ignore[union-attr]
         assert sorted(raw.keys("*")) == [

@@ -233,9 +233,14 @@ class RecordingTracker(HealthTracker):
         self._out_since: dict[tuple[str, str], float] = {}
 
     def record_failure(
-        self, provider: str, model: str, retry_after: float | None = None
+        self,
+        provider: str,
+        model: str,
+        retry_after: float | None = None,
+        *,
+        started: float | None = None,
     ) -> float | None:
-        backoff = super().record_failure(provider, model, retry_after)
+        backoff = super().record_failure(provider, model, retry_after, started=started)
         if backoff is not None:
             now = self.clock()
             self._out_since.setdefault((provider, model), now)

@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from ._attribution import Evidence
+
 logger = logging.getLogger("tier_middleware")
 
 Clock = Callable[[], float]
@@ -39,12 +41,14 @@ class HealthConfig:
     failure_threshold: int = 1
     half_open_probes: int = 1
     probe_timeout: float = 60.0
+    unconfirmed_threshold: int = 3
+    unconfirmed_window: float = 60.0
 
     def __post_init__(self) -> None:
         def bad(reason: str) -> ValueError:
             return ValueError(f"invalid HealthConfig: {reason}")
 
-        for name in ("initial_backoff", "max_backoff", "probe_timeout"):
+        for name in ("initial_backoff", "max_backoff", "probe_timeout", "unconfirmed_window"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise bad(f"{name} must be a finite number >= 0, got {value!r}")
@@ -57,7 +61,7 @@ class HealthConfig:
             raise bad(f"multiplier must be >= 1, got {self.multiplier!r}")
         if not math.isfinite(self.jitter) or not 0 <= self.jitter < 1:
             raise bad(f"jitter must be in [0, 1), got {self.jitter!r}")
-        for name in ("failure_threshold", "half_open_probes"):
+        for name in ("failure_threshold", "half_open_probes", "unconfirmed_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(f"{name} must be an integer >= 1, got {value!r}")
@@ -71,14 +75,56 @@ class ModelHealth:
     consecutive_failures: int
     backoff_remaining: float | None
     probes_in_flight: int
+    unconfirmed_failures: int = 0  # distinct requests whose failure waits for agreement
+
+
+def backoff_step(
+    failures: int,
+    until: float,
+    since: float,
+    config: HealthConfig,
+    retry_after: float | None,
+    now: float,
+    started: float,
+    jitter_factor: float = 1.0,
+) -> tuple[int, float, float, float | None]:
+    """(consecutive failures, backoff end, backoff start, the backoff it began or None) after a
+    failure of an attempt that started at `started`, from the first three before it (`until` and
+    `since` are 0.0 while no backoff is set). The one Python copy of the rule; the Redis script mirrors it line by line.
+
+    An attempt that was in flight when the current backoff began steps nothing up: a burst of
+    requests failing together is one failure. Its provider's Retry-After may still lengthen the
+    backoff, which is the least the provider asked for.
+    """
+    floor = 0.0  # the provider's own Retry-After, bounded
+    if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+        floor = min(retry_after, MAX_RETRY_AFTER)
+    if until > 0.0 and started < since:
+        if floor:
+            until = max(until, now + floor)
+        return failures, until, since, None
+    failures += 1
+    n = failures - config.failure_threshold + 1
+    if n < 1:
+        return failures, until, since, None
+    try:
+        # The exponent stops at 64 (as in the Redis script) so the float stays finite.
+        growth = config.multiplier ** min(n - 1, 64)
+    except OverflowError:  # a multiplier above ~65000: Lua (and IEEE) make it inf
+        growth = math.inf
+    backoff = min(config.initial_backoff * growth, config.max_backoff)
+    backoff = min(backoff * jitter_factor, config.max_backoff)  # capped backoffs spread out too
+    backoff = max(backoff, floor)
+    return failures, now + backoff, now, backoff
 
 
 class _State:
-    __slots__ = ("failures", "probes", "until")
+    __slots__ = ("failures", "probes", "since", "until")
 
     def __init__(self) -> None:
         self.failures = 0  # consecutive failures
         self.until = 0.0  # end of the current backoff, on the tracker's clock
+        self.since = 0.0  # when the current backoff began
         self.probes: list[float] = []  # start times of half-open probes not yet reported
 
 
@@ -100,6 +146,11 @@ class HealthTracker:
         self.clock: Clock = clock or time.monotonic
         self._rng = rng or random.Random()
         self._states: dict[Key, _State] = {}
+        cfg = self.config
+        self.evidence = Evidence(
+            cfg.unconfirmed_threshold, cfg.unconfirmed_window, lambda: self.clock()
+        )
+        self._held = self.evidence.held
         # Bumped whenever availability changes by an event (not by time passing), so callers
         # can cache what they derived from it.
         self.version = 0
@@ -143,15 +194,18 @@ class HealthTracker:
         return self._rng.random()
 
     def status(self, provider: str, model: str) -> ModelHealth:
-        state = self._states.get((provider, model))
+        key = (provider, model)
+        unconfirmed = self.evidence.pending(key)
+        state = self._states.get(key)
         if state is None:
-            return ModelHealth("available", 0, None, 0)
+            return ModelHealth("available", 0, None, 0, unconfirmed)
         now = self.clock()
         self._expire_probes(state, now)
         if now < state.until:
-            return ModelHealth("backoff", state.failures, state.until - now, 0)
+            return ModelHealth("backoff", state.failures, state.until - now, 0, unconfirmed)
         kind: HealthState = "probing" if state.until else "available"
-        return ModelHealth(kind, state.failures, 0.0 if state.until else None, len(state.probes))
+        remaining = 0.0 if state.until else None
+        return ModelHealth(kind, state.failures, remaining, len(state.probes), unconfirmed)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -181,6 +235,8 @@ class HealthTracker:
 
     def record_success(self, provider: str, model: str) -> None:
         state = self._states.pop((provider, model), None)
+        if self._held:  # the model answered: what waited for agreement against it is moot
+            self._held.pop((provider, model), None)
         if state is not None and state.until:
             self.version += 1
             logger.info(
@@ -189,31 +245,35 @@ class HealthTracker:
             )
 
     def record_failure(
-        self, provider: str, model: str, retry_after: float | None = None
+        self,
+        provider: str,
+        model: str,
+        retry_after: float | None = None,
+        *,
+        started: float | None = None,
     ) -> float | None:
-        """Count a failure; returns the backoff it started in seconds, or None below the
-        threshold."""
+        """Count a failure of an attempt that started at `started` (the tracker's clock; None:
+        now); returns the backoff it started in seconds, or None when it started none (below the
+        threshold, or the attempt was in flight when the current backoff began)."""
         key = (provider, model)
         state = self._states.get(key)
         if state is None:
             state = self._states[key] = _State()
-        state.failures += 1
         cfg = self.config
-        n = state.failures - cfg.failure_threshold + 1
-        if n < 1:
+        now = self.clock()
+        started = now if started is None else started
+        failures, until = state.failures, state.until
+        jitter = 1.0
+        in_flight = until > 0.0 and started < state.since  # when the current backoff began
+        if cfg.jitter and failures + 1 >= cfg.failure_threshold and not in_flight:
+            jitter += cfg.jitter * (2.0 * self._rng.random() - 1.0)  # drawn only for a new step
+        state.failures, state.until, state.since, backoff = backoff_step(
+            failures, until, state.since, cfg, retry_after, now, started, jitter
+        )
+        if backoff is None:
+            if state.until != until:
+                self.version += 1  # an in-flight failure's Retry-After lengthened the backoff
             return None
-        try:
-            # The exponent stops at 64 (as in the stores' Lua script) so the float stays finite.
-            backoff = min(cfg.initial_backoff * cfg.multiplier ** min(n - 1, 64), cfg.max_backoff)
-        except OverflowError:  # a long outage with a large multiplier: the cap applies
-            backoff = cfg.max_backoff
-        if cfg.jitter:  # after the cap, so capped backoffs are spread out too
-            backoff = min(
-                backoff * (1.0 + cfg.jitter * (2.0 * self._rng.random() - 1.0)), cfg.max_backoff
-            )
-        if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
-            backoff = max(backoff, min(retry_after, MAX_RETRY_AFTER))
-        state.until = self.clock() + backoff
         state.probes.clear()
         self.version += 1
         logger.warning(
@@ -241,6 +301,10 @@ class HealthTracker:
             if state is None:
                 state = self._states[key] = _State()
             before = self._evaluate(state, now)[0]
+            if local_until != state.until:
+                # A backoff the fleet began: its start is not shared, so it counts from now
+                # (failures in flight here then step nothing up; the store decides anyway).
+                state.since = now if local_until else 0.0
             state.failures = failures
             state.until = local_until
             changed = changed or before != self._evaluate(state, now)[0]

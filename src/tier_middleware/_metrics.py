@@ -207,6 +207,18 @@ class Metrics:
             "provider",
             "model",
         )
+        self.caller_errors = counters(
+            "caller_errors",
+            "Attempts judged the caller's fault (a 4xx other than 408 and 429): health unchanged",
+            "tier",
+            "provider",
+            "model",
+        )
+        self.suspect_requests = counters(
+            "suspect_requests",
+            "Failed requests whose body had failed on two models: not retried, not counted",
+            "tier",
+        )
         self.model_retries = counters(
             "model_retries",
             "Requests retried on another model after a failure",
@@ -264,6 +276,8 @@ class Metrics:
             self.tier_requests,
             self.model_selections,
             self.provider_failures,
+            self.caller_errors,
+            self.suspect_requests,
             self.model_retries,
             self.provider_health,
             self.tier_unavailable,
@@ -311,6 +325,12 @@ class Metrics:
 
     def failure(self, sel: Selection) -> None:
         self._add(self._failures, (sel.provider, sel.model), 1.0)
+
+    def caller_error(self, sel: Selection) -> None:
+        self._add(self.caller_errors.values, sel.labels, 1.0)
+
+    def suspect(self, tier: str) -> None:
+        self._add(self.suspect_requests.values, (tier,), 1.0)
 
     def retry(self, tier: str, failed_model: str, retry_model: str) -> None:
         self._add(self.model_retries.values, (tier, failed_model, retry_model), 1.0)

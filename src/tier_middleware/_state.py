@@ -162,8 +162,10 @@ class State:
             if not remaining:
                 continue  # over already (or it succeeded since)
             try:
+                # started=0: older than any backoff the fleet may have begun meanwhile, so
+                # this steps nothing up there; it only sets a backoff where none is.
                 merged[(provider, model)] = await store.record_failure(
-                    provider, model, cfg, remaining, self.wall_clock()
+                    provider, model, cfg, remaining, self.wall_clock(), started=0.0
                 )
             except StoreError as exc:
                 self._pending_failures |= pending
@@ -186,9 +188,13 @@ class State:
             self._ok()
             await self._merge(store, snapshot)
 
-    async def failure(self, sel: Selection, retry_after: float | None) -> None:
+    async def failure(
+        self, sel: Selection, retry_after: float | None, started: float | None = None
+    ) -> None:
+        """Count a failure against the model of `sel`, whose attempt began at `started` (the
+        health clock; None: now)."""
         health = self.health
-        health.record_failure(sel.provider, sel.model, retry_after)
+        health.record_failure(sel.provider, sel.model, retry_after, started=started)
         if not self.shared_health:
             return
         store = self._usable()
@@ -197,9 +203,17 @@ class State:
             return
         cfg = health.config
         jitter = 1.0 + cfg.jitter * (2.0 * health.random() - 1.0) if cfg.jitter else 1.0
+        wall = self.wall_clock()
+        offset = health.clock() - wall
         try:
             failures, until = await store.record_failure(
-                sel.provider, sel.model, cfg, retry_after, self.wall_clock(), jitter
+                sel.provider,
+                sel.model,
+                cfg,
+                retry_after,
+                wall,
+                jitter,
+                started=None if started is None else started - offset,
             )
             await store.release_probe(sel.provider, sel.model)
         except StoreError as exc:
@@ -207,8 +221,18 @@ class State:
             self._failed("record_failure", exc)
             return
         self._ok()
-        offset = health.clock() - self.wall_clock()
         health.merge({sel.key: (failures, until)}, offset, complete=False)
+
+    async def unconfirmed(
+        self, sel: Selection, fingerprint: int, retry_after: float | None, started: float
+    ) -> bool:
+        """A failure the request never got past: evidence against the model, counted as a
+        failure only once failures of enough distinct requests agree. True if it was counted."""
+        if self.health.evidence.add(sel.key, fingerprint):
+            await self.failure(sel, retry_after, started)
+            return True
+        await self.release(sel)
+        return False
 
     async def success(self, sel: Selection) -> None:
         health = self.health

@@ -106,11 +106,16 @@ class Store(abc.ABC):
         retry_after: float | None,
         now: float,
         jitter_factor: float = 1.0,
+        *,
+        started: float | None = None,
     ) -> tuple[int, float]:
-        """Atomically count a failure and extend the backoff as `HealthTracker` would.
+        """Atomically count a failure and extend the backoff as `HealthTracker` would
+        (`_health.backoff_step`).
 
-        `now` is wall-clock seconds; returns (consecutive failures, backoff end or 0.0 below the
-        threshold). `jitter_factor` is drawn by the caller in [1 - jitter, 1 + jitter].
+        `now` and `started` (when the failed attempt began; None: now) are wall-clock seconds; an
+        attempt that began before the current backoff did steps nothing up, whichever instance
+        it ran on. Returns (consecutive failures, backoff end or 0.0 below the threshold).
+        `jitter_factor` is drawn by the caller in [1 - jitter, 1 + jitter].
         """
 
     @abc.abstractmethod

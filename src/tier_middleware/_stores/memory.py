@@ -7,13 +7,12 @@ call is atomic. It is not meant to be shared between threads.
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .._health import MAX_RETRY_AFTER, HealthConfig
+from .._health import HealthConfig, backoff_step
 from .base import HealthSnapshot, SessionRecord, Store
 
 
@@ -23,30 +22,6 @@ class _Session:
     def __init__(self, record: SessionRecord, expires: float) -> None:
         self.record = record
         self.expires = expires  # on the store's clock
-
-
-def backoff_end(
-    failures: int,
-    until: float,
-    config: HealthConfig,
-    retry_after: float | None,
-    now: float,
-    jitter_factor: float,
-) -> float:
-    """The backoff end after the `failures`-th consecutive failure, as `HealthTracker` computes it
-    (`until` is kept below the threshold). The Redis script mirrors this line by line."""
-    n = failures - config.failure_threshold + 1
-    if n < 1:
-        return until
-    try:
-        growth = config.multiplier ** min(n - 1, 64)
-    except OverflowError:  # a multiplier above ~65000: Lua (and IEEE) make it inf
-        growth = math.inf
-    backoff = min(config.initial_backoff * growth, config.max_backoff)
-    backoff = min(backoff * jitter_factor, config.max_backoff)
-    if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
-        backoff = max(backoff, min(retry_after, MAX_RETRY_AFTER))
-    return now + backoff
 
 
 class MemoryStore(Store):
@@ -70,7 +45,8 @@ class MemoryStore(Store):
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._config: tuple[bytes, float] | None = None
         self._locks: dict[str, tuple[str, float]] = {}  # name -> (token, expiry)
-        self._health: dict[tuple[str, str], tuple[int, float]] = {}  # -> (failures, until)
+        # -> (failures, backoff end, backoff start)
+        self._health: dict[tuple[str, str], tuple[int, float, float]] = {}
         self._probes: dict[tuple[str, str], float] = {}  # -> lease expiry
 
     # -- sessions ------------------------------------------------------------------------------
@@ -147,7 +123,7 @@ class MemoryStore(Store):
     # -- health ---------------------------------------------------------------------------------
 
     async def health_snapshot(self) -> HealthSnapshot:
-        return dict(self._health)
+        return {key: (failures, until) for key, (failures, until, _) in self._health.items()}
 
     async def record_failure(
         self,
@@ -157,12 +133,22 @@ class MemoryStore(Store):
         retry_after: float | None,
         now: float,
         jitter_factor: float = 1.0,
+        *,
+        started: float | None = None,
     ) -> tuple[int, float]:
         key = (provider, model)
-        failures, until = self._health.get(key, (0, 0.0))
-        failures += 1
-        until = backoff_end(failures, until, config, retry_after, now, jitter_factor)
-        self._health[key] = (failures, until)
+        failures, until, since = self._health.get(key, (0, 0.0, 0.0))
+        failures, until, since, _ = backoff_step(
+            failures,
+            until,
+            since,
+            config,
+            retry_after,
+            now,
+            now if started is None else started,
+            jitter_factor,
+        )
+        self._health[key] = (failures, until, since)
         return failures, until
 
     async def record_success(self, provider: str, model: str) -> None:

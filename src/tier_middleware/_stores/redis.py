@@ -39,9 +39,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # Count a failure and extend the backoff exactly as HealthTracker.record_failure does
-# (memory.backoff_end is the same rule in Python). Numbers travel as strings both ways: Redis
-# truncates a Lua number reply to an integer, and Lua's tostring keeps only 14 digits, so
-# '%.17g' is used to round-trip doubles exactly.
+# (_health.backoff_step is the same rule in Python, line by line). Numbers travel as strings both
+# ways: Redis truncates a Lua number reply to an integer, and Lua's tostring keeps only 14 digits,
+# so '%.17g' is used to round-trip doubles exactly. A field is "failures:until:since"; one
+# written by an older version ("failures:until") reads with since = 0, so its next failure steps.
 _RECORD_FAILURE = """
 local field = ARGV[1]
 local initial = tonumber(ARGV[2])
@@ -52,29 +53,45 @@ local retry_after = tonumber(ARGV[6])
 local now = tonumber(ARGV[7])
 local jitter_factor = tonumber(ARGV[8])
 local max_retry_after = tonumber(ARGV[9])
+local started = tonumber(ARGV[10])
 
-local failures, ends = 0, 0
+local failures, ends, since = 0, 0, 0
 local current = redis.call('HGET', KEYS[1], field)
 if current then
-  local sep = string.find(current, ':', 1, true)
-  if sep then
-    failures = tonumber(string.sub(current, 1, sep - 1)) or 0
-    ends = tonumber(string.sub(current, sep + 1)) or 0
+  local first = string.find(current, ':', 1, true)
+  if first then
+    failures = tonumber(string.sub(current, 1, first - 1)) or 0
+    local rest = string.sub(current, first + 1)
+    local second = string.find(rest, ':', 1, true)
+    if second then
+      ends = tonumber(string.sub(rest, 1, second - 1)) or 0
+      since = tonumber(string.sub(rest, second + 1)) or 0
+    else
+      ends = tonumber(rest) or 0
+    end
   end
 end
-failures = failures + 1
-local n = failures - threshold + 1
-if n >= 1 then
-  local backoff = math.min(initial * multiplier ^ math.min(n - 1, 64), max_backoff)
-  backoff = math.min(backoff * jitter_factor, max_backoff)
+if ends > 0 and started < since then
+  -- in flight when the current backoff began: one burst is one failure
   if retry_after > 0 then
-    backoff = math.max(backoff, math.min(retry_after, max_retry_after))
+    ends = math.max(ends, now + math.min(retry_after, max_retry_after))
   end
-  ends = now + backoff
+else
+  failures = failures + 1
+  local n = failures - threshold + 1
+  if n >= 1 then
+    local backoff = math.min(initial * multiplier ^ math.min(n - 1, 64), max_backoff)
+    backoff = math.min(backoff * jitter_factor, max_backoff)
+    if retry_after > 0 then
+      backoff = math.max(backoff, math.min(retry_after, max_retry_after))
+    end
+    ends = now + backoff
+    since = now
+  end
 end
 local failures_s = string.format('%d', failures)
 local until_s = string.format('%.17g', ends)
-redis.call('HSET', KEYS[1], field, failures_s .. ':' .. until_s)
+redis.call('HSET', KEYS[1], field, failures_s .. ':' .. until_s .. ':' .. string.format('%.17g', since))
 return {failures_s, until_s}
 """
 
@@ -116,9 +133,10 @@ def _snapshot(fields: Mapping[bytes | str, bytes | str]) -> HealthSnapshot:
     snapshot: HealthSnapshot = {}
     for field, value in fields.items():
         provider, sep, model = _text(field).partition("\n")
-        failures, colon, until = _text(value).partition(":")
+        failures, colon, rest = _text(value).partition(":")
         if not sep or not colon:
             continue
+        until = rest.partition(":")[0]
         try:
             snapshot[(provider, model)] = (int(failures), float(until))
         except ValueError:
@@ -238,6 +256,8 @@ class RedisStore(Store):
         retry_after: float | None,
         now: float,
         jitter_factor: float = 1.0,
+        *,
+        started: float | None = None,
     ) -> tuple[int, float]:
         if retry_after is None or not math.isfinite(retry_after) or retry_after <= 0:
             retry_after = -1.0
@@ -253,6 +273,7 @@ class RedisStore(Store):
                 _float(now),
                 _float(jitter_factor),
                 _float(MAX_RETRY_AFTER),
+                _float(now if started is None else started),
             ],
         )
         return int(failures), float(until)

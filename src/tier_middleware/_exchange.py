@@ -1,0 +1,338 @@
+"""One routed request, top to bottom: tier -> config -> entitlement -> session -> model ->
+the app (once, or again on another model) -> what the outcome says about each model tried."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import time
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+from ._attempt import Attempt
+from ._body import ClientGone, TooDeep
+from ._errors import TierError, bad_request, service_unavailable
+from ._extract import invalid_tier
+from ._health import Key
+from ._request import Request
+from ._router import NoHealthyModel, Selection, TierRouter
+from ._routes import RoutePolicy
+from ._sessions import Decision, decide, session_key, valid_session_id
+from ._stores import SessionRecord
+from ._types import Headers, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from ._middleware import TierRoutingMiddleware
+
+_CONFIG_RETRY_AFTER = 5.0  # seconds: a config fetch is retried in the background meanwhile
+_unique = itertools.count()  # fingerprints of bodies that were not held: each is distinct
+
+_current: ContextVar[Selection | None] = ContextVar("tier_selection", default=None)
+
+# A failure held until the request's outcome says whose it was: (selection, Retry-After,
+# when the attempt began on the health clock).
+Failure = tuple[Selection, float | None, float]
+
+
+def current_selection() -> Selection | None:
+    """The model chosen for the request being handled, inside the app; None elsewhere."""
+    return _current.get()
+
+
+class Exchange(Request):
+    """One routed request: what was read from the client, and each attempt at the app."""
+
+    __slots__ = ("attempts", "failures", "retries", "suspected", "tier", "tried")
+
+    def __init__(
+        self,
+        mw: TierRoutingMiddleware,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        policy: RoutePolicy,
+    ) -> None:
+        super().__init__(mw, scope, receive, send, policy)
+        self.attempts = 0
+        self.tier = ""
+        self.retries = 0  # retry-budget slots held
+        self.tried: list[Key] = []
+        self.failures: list[Failure] | None = None  # model failures not yet judged
+        self.suspected: bool | None = None  # whether the body is a known poison request
+
+    async def run(self) -> None:
+        mw = self.mw
+        try:
+            tier = await self.read_tier()
+            if tier is None:
+                await mw.app(self.scope, self.replaying(), self.send)
+                return
+            router = mw.router or await self._first_config()
+            if tier not in router.ranks or self.policy.allowed_tiers is not None:
+                tier = self._check_tier(tier, router)
+            self.tier = tier
+            if mw.authorize is not None:
+                await self._authorize(tier)
+            decision: Decision | None = None
+            key = ""
+            try:
+                if self.session_raw is None and router.probe_lease is None:
+                    selection = router.select_now(tier)  # the common case: nothing to await
+                else:
+                    key, decision, selection = await self._select(router)
+            except NoHealthyModel as exc:
+                await self._unavailable(exc)
+                return
+            mw.metrics.request(self.tier)
+            if decision is not None and decision.upgraded_from is not None:
+                mw.metrics.session_upgrade(decision.upgraded_from, self.tier)
+            served = await self._call_app(selection)
+            if decision is not None and served is not None:
+                await self._save_session(key, decision, served)
+        except TierError as err:
+            await err.send(self.send)
+        except ClientGone:
+            return  # nobody is left to answer, and the app need not spend a model call
+
+    # -- reading the request ------------------------------------------------------------------
+
+    def _check_tier(self, tier: str, router: TierRouter) -> str:
+        config = router.config
+        if tier not in config.ranks:
+            raise invalid_tier(
+                f"unknown tier {tier!r}; valid tiers: {', '.join(config.tier_order)}"
+            )
+        allowed = self.policy.allowed_tiers
+        if allowed is not None and tier not in allowed:
+            raise TierError(
+                403,
+                "tier_not_allowed",
+                f"tier {tier!r} is not allowed on this route; allowed: "
+                f"{', '.join(t for t in config.tier_order if t in allowed)}",
+                param="tier",
+            )
+        return tier
+
+    async def _authorize(self, tier: str) -> None:
+        authorize = self.mw.authorize
+        if authorize is None:
+            return
+        allowed = authorize(self.scope, tier)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+        if not allowed:
+            raise TierError(
+                403, "tier_not_allowed", f"this caller may not use tier {tier!r}", param="tier"
+            )
+
+    async def _first_config(self) -> TierRouter:
+        """Wait (up to `config_timeout`) for a first config from the control plane."""
+        mw = self.mw
+        if mw.router is None:
+            await mw.configs.ready(mw.config_timeout)
+            if mw.router is None:
+                raise service_unavailable(
+                    "config_unavailable",
+                    "no tier configuration is available yet",
+                    _CONFIG_RETRY_AFTER,
+                    mw.retry_after_bounds,
+                )
+        return mw.router
+
+    # -- choosing and calling -----------------------------------------------------------------
+
+    async def _select(self, router: TierRouter) -> tuple[str, Decision | None, Selection]:
+        """Select with a session (sticky, never down a tier) or with a fleet-wide probe lease:
+        (session key, session decision, selection)."""
+        mw = self.mw
+        state = mw.state
+        if self.session_raw is not None and mw.session_header is not None:
+            session_id = valid_session_id(self.session_raw)
+            if session_id is None:
+                raise bad_request(
+                    "invalid_session_id",
+                    "the session id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':' "
+                    "or '-'",
+                    param="session_id",
+                )
+            key = session_key(mw.identity(self.scope), session_id)
+            record = await state.load_session(key)
+            decision = await decide(router, record, self.tier, time.time())
+            selection = decision.selection
+            if selection.tier != self.tier:  # a session never goes down a tier
+                self.tier = selection.tier
+                await self._authorize(self.tier)
+            return key, decision, selection
+        if router.probe_lease is None:
+            return "", None, router.select_now(self.tier)
+        await state.sync_health()
+        return "", None, await router.select(self.tier)
+
+    async def _unavailable(self, exc: NoHealthyModel) -> None:
+        """The 503 short-circuit: no model of the tier can take the request now."""
+        mw = self.mw
+        mw.metrics.request(self.tier)
+        mw.metrics.unavailable(self.tier)
+        await service_unavailable(
+            "service_unavailable",
+            f"all models for tier {exc.tier!r} are temporarily unavailable",
+            exc.retry_after,
+            mw.retry_after_bounds,
+        ).send(self.send, [(b"x-tier", self.tier.encode()), (b"x-tier-attempts", b"0")])
+
+    async def _call_app(self, selection: Selection) -> Selection | None:
+        """Call the app with `selection`, and again with another model while a failure may be
+        retried. Returns the selection that served the request, None when it failed."""
+        mw = self.mw
+        metrics = mw.metrics
+        base_headers = self._base_headers()
+        # A body that was not held (a large upload, say) cannot be sent twice.
+        max_attempts = self.policy.max_attempts if self.buffered is not None else 1
+        budget = mw.budget
+        budget.active += 1
+        try:
+            while True:
+                self.attempts += 1
+                self.tried.append(selection.key)
+                attempt = Attempt(self, selection, self.attempts < max_attempts)
+                try:
+                    scope = attempt.scope(base_headers)
+                except TooDeep:
+                    await attempt.release()
+                    raise bad_request(
+                        "invalid_json", "the request body is nested too deeply"
+                    ) from None
+                metrics.selection(selection)
+                token = _current.set(selection)
+                attempt.begin()
+                try:
+                    await mw.app(scope, attempt.receive, attempt.send)
+                except Exception as exc:
+                    # Unless the response was dropped for a retry already, judge the exception:
+                    # it propagates unchanged unless another model takes the request.
+                    if attempt.next is None and not await attempt.raised(exc):
+                        raise
+                except BaseException:  # cancellation: nothing learned about the model
+                    await attempt.release()
+                    await self._abandon()
+                    raise
+                else:
+                    if not attempt.recorded:
+                        await attempt.release()  # the app answered nothing, or the client left
+                    tap = attempt.tap
+                    if tap is not None:
+                        usage = tap.result()
+                        if usage is not None:
+                            metrics.usage(selection, *usage)
+                finally:
+                    _current.reset(token)
+                retry = attempt.next
+                if retry is None:
+                    return None if attempt.failed else selection
+                metrics.retry(self.tier, selection.model, retry.model)
+                selection = retry
+        finally:
+            budget.active -= 1
+            for _ in range(self.retries):
+                budget.done()
+            if self.failures is not None:
+                await self.settle()
+
+    # -- whose fault --------------------------------------------------------------------------
+
+    def hold_failure(self, failure: Failure) -> None:
+        """A model failed this request: whose fault it is shows once the request is over."""
+        if self.failures is None:
+            self.failures = [failure]
+        else:
+            self.failures.append(failure)
+
+    async def succeeded(self, selection: Selection) -> None:
+        """The request got past every failure it met: those were the models' faults."""
+        mw = self.mw
+        failures, self.failures = self.failures, None
+        for failed, retry_after, began in failures or ():
+            mw.metrics.failure(failed)
+            await mw.state.failure(failed, retry_after, began)
+        if mw.state.shared_health:
+            await mw.state.success(selection)
+        else:
+            mw.health.record_success(selection.provider, selection.model)
+
+    def suspect(self) -> bool:
+        """Whether the body already failed on two models (asked once, at the first failure)."""
+        if self.suspected is None:
+            self.suspected = self.mw.health.evidence.suspect(self.fingerprint())
+        return self.suspected
+
+    def fingerprint(self) -> int:
+        """A fast hash of what the client sent, computed only once an attempt has failed."""
+        if self.buffered is None:
+            return next(_unique)
+        return hash((self.tier, self.body))
+
+    async def settle(self) -> None:
+        """Failures this request never got past: evidence against each model, which counts once
+        failures of enough distinct bodies agree; nothing at all for a suspect's."""
+        mw = self.mw
+        failures, self.failures = self.failures, None
+        suspect = self.suspect()
+        fingerprint = self.fingerprint()
+        for selection, retry_after, began in failures or ():
+            if suspect:
+                await mw.state.release(selection)
+            elif await mw.state.unconfirmed(selection, fingerprint, retry_after, began):
+                mw.metrics.failure(selection)
+        if suspect or mw.health.evidence.suspect(fingerprint):
+            mw.metrics.suspect(self.tier)
+
+    async def _abandon(self) -> None:
+        """The request was cancelled: its held failures say nothing."""
+        failures, self.failures = self.failures, None
+        for selection, _, _ in failures or ():
+            await self.mw.state.release(selection)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _save_session(self, key: str, decision: Decision, served: Selection) -> None:
+        """Store the session when it was created or upgraded, or moved to another model."""
+        if decision.record is None and served is decision.selection:
+            return
+        now = time.time()
+        created = decision.record.created_at if decision.record is not None else now
+        record = SessionRecord(served.provider, served.model, served.tier, created, now)
+        await self.mw.state.save_session(key, record)
+
+    def _base_headers(self) -> Headers:
+        """The request headers the app gets: without ours and the tier header, and for a
+        rewritten body without its framing (each attempt adds a fresh content-length)."""
+        mw = self.mw
+        drop = mw.request_drop_rewritten if self.payload is not None else mw.request_drop
+        headers = self.headers
+        named = self.named
+        if named is None:
+            return [(k, v) for k, v in headers if k.lower() not in drop]
+        present = drop.intersection(named)
+        if len(present) == 1:  # typically content-length: cut it out without a Python loop
+            (name,) = present
+            kept = list(headers)
+            del kept[list(named).index(name)]
+            return kept
+        return [h for h in headers if h[0] not in drop] if present else list(headers)
+
+    async def alternative(self) -> Selection | None:
+        """Another model to retry with, if the client is still there, the retry budget has room
+        and the tier has a healthy model left."""
+        mw = self.mw
+        if self.disconnected:
+            return None
+        if not mw.budget.try_retry():
+            mw.metrics.over_budget(self.tier)
+            return None
+        try:
+            chosen = await mw.router.select(self.tier, exclude=self.tried)  # type: ignore[union-attr]
+        except NoHealthyModel:
+            mw.budget.done()
+            return None
+        self.retries += 1
+        return chosen
