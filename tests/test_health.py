@@ -12,7 +12,7 @@ import pytest
 
 from _clock import FakeClock
 from tier_middleware import HealthConfig, HealthTracker, ModelHealth
-from tier_middleware._health import MAX_RETRY_AFTER
+from tier_middleware._health import MAX_RETRY_AFTER, PROBE
 
 
 def tracker(clock: FakeClock, **config: float) -> HealthTracker:
@@ -144,12 +144,63 @@ def test_a_long_outage_does_not_overflow(clock: FakeClock) -> None:
     assert backoff == 300.0
 
 
-def test_failure_during_backoff_extends_it(clock: FakeClock) -> None:
+def test_failure_of_unknown_start_during_backoff_steps_it_up(clock: FakeClock) -> None:
     health = HealthTracker(clock=clock)
     health.record_failure("p", "m")
     clock.advance(20)
-    health.record_failure("p", "m")  # a request that was already in flight fails late
+    health.record_failure("p", "m")  # started=None: taken as a new failure, now
     assert health.backoff_remaining("p", "m") == 60.0
+
+
+def test_failures_in_flight_when_the_backoff_began_do_not_step_it_up(clock: FakeClock) -> None:
+    health = HealthTracker(HealthConfig(initial_backoff=1.0), clock=clock)
+    started = clock()
+    clock.advance(0.5)
+    assert health.record_failure("p", "m", started=started) == 1.0
+    version = health.version
+    for _ in range(28):  # the rest of a burst that was in flight together
+        clock.advance(0.01)
+        assert health.record_failure("p", "m", started=started) is None
+    assert health.status("p", "m") == ModelHealth("backoff", 1, pytest.approx(0.72), 0)
+    assert health.version == version  # nothing changed: routers keep their pools
+
+    # The backoff ends; the half-open probe fails: that is the next step of the episode.
+    clock.advance(1.0)
+    assert health.acquire("p", "m") == PROBE
+    probe_started = clock()
+    assert health.record_failure("p", "m", started=probe_started) == 2.0
+    # A late failure from the first burst still changes nothing.
+    assert health.record_failure("p", "m", started=started) is None
+    assert health.backoff_remaining("p", "m") == 2.0
+
+
+def test_an_in_flight_failure_may_still_lengthen_the_backoff_to_its_retry_after(
+    clock: FakeClock,
+) -> None:
+    health = HealthTracker(HealthConfig(initial_backoff=1.0), clock=clock)
+    started = clock()
+    clock.advance(0.1)
+    health.record_failure("p", "m", started=started)
+    version = health.version
+    assert health.record_failure("p", "m", retry_after=20.0, started=started) is None
+    assert health.status("p", "m").consecutive_failures == 1  # no step
+    assert health.backoff_remaining("p", "m") == pytest.approx(20.0)  # as the provider asked
+    assert health.version == version + 1
+    assert health.record_failure("p", "m", retry_after=5.0, started=started) is None
+    assert health.backoff_remaining("p", "m") == pytest.approx(20.0)  # never shortened
+
+
+def test_after_recovery_a_failure_starts_a_new_episode_at_the_first_step(
+    clock: FakeClock,
+) -> None:
+    health = HealthTracker(HealthConfig(initial_backoff=1.0), clock=clock)
+    assert health.record_failure("p", "m", started=clock()) == 1.0
+    clock.advance(1.0)
+    assert health.record_failure("p", "m", started=clock()) == 2.0  # a failed probe
+    clock.advance(2.0)
+    health.record_success("p", "m")
+    started = clock()
+    assert health.record_failure("p", "m", started=started) == 1.0
 
 
 # -- config validation --------------------------------------------------------------------------

@@ -993,6 +993,7 @@ def _row(model: str, probability: float, **health: Any) -> dict[str, Any]:
         "health": "available",
         "consecutive_failures": 0,
         "backoff_remaining": None,
+        "unconfirmed_failures": 0,
     }
     row.update(health)
     return row

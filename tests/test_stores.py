@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from _clock import FakeClock
 from redis_server import BlackHole, RedisServer, _free_port
-from tier_middleware._health import HealthConfig, HealthTracker
+from tier_middleware._health import HealthConfig, HealthTracker, backoff_step
 from tier_middleware._stores import (
     MemoryStore,
     RedisStore,
@@ -311,6 +311,50 @@ async def test_record_failure_computes_what_health_tracker_computes(
             assert got == (failures, clock.now + expected), (step, retry_after)
         assert (await store.health_snapshot())[("p", "m")] == got
         clock.advance(script.choice([0.0, 0.25, 3.0, 61.7]))
+
+
+async def test_failures_in_flight_when_the_backoff_began_are_one_step(backend: Backend) -> None:
+    """Several instances failing at once on one model: one step, whoever reports first."""
+    cfg = HealthConfig(initial_backoff=1.0, max_backoff=100.0)
+    store = backend.store
+    began = NOW - 0.5  # the burst's requests all began before the first failure came back
+    assert await store.record_failure("p", "m", cfg, None, NOW, started=began) == (1, NOW + 1.0)
+    for k in range(1, 29):  # the same burst, reported by other instances
+        got = await store.record_failure("p", "m", cfg, None, NOW + k / 100, started=began)
+        assert got == (1, NOW + 1.0)
+    # An in-flight 429's Retry-After lengthens the backoff, without a step.
+    got = await store.record_failure("p", "m", cfg, 30.0, NOW + 0.3, started=began)
+    assert got == (1, NOW + 0.3 + 30.0)
+    # The probe after the backoff fails: the next step of the episode.
+    got = await store.record_failure("p", "m", cfg, None, NOW + 31.0, started=NOW + 30.5)
+    assert got == (2, NOW + 31.0 + 2.0)
+    assert (await store.health_snapshot())[("p", "m")] == got
+
+
+@pytest.mark.parametrize("name", list(HEALTH_CONFIGS))
+async def test_in_flight_rule_is_the_python_rule_to_the_last_bit(
+    backend: Backend, name: str
+) -> None:
+    """Failures whose attempts began at random times, before or after the current backoff did:
+    the store computes exactly what `backoff_step` (the rule HealthTracker applies) computes."""
+    cfg = HEALTH_CONFIGS[name]
+    store = backend.store
+    script = random.Random(f"in-flight-{name}")
+    now = NOW
+    failures, until, since = 0, 0.0, 0.0
+    for step in range(120):
+        if step % 37 == 36:
+            await store.record_success("p", "m")
+            failures, until, since = 0, 0.0, 0.0
+        retry_after = script.choice(RETRY_AFTERS)
+        began = now - script.choice([0.0, 0.1, 2.0, 30.0, 400.0])
+        factor = 1.0 + cfg.jitter * (2.0 * script.random() - 1.0)
+        failures, until, since, _ = backoff_step(
+            failures, until, since, cfg, retry_after, now, began, factor
+        )
+        got = await store.record_failure("p", "m", cfg, retry_after, now, factor, started=began)
+        assert got == (failures, until), step
+        now += script.choice([0.0, 0.25, 3.0, 61.7])
 
 
 async def test_backoff_exponent_stops_at_64_like_health_tracker(backend: Backend) -> None:

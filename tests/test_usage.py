@@ -561,6 +561,7 @@ async def test_status_reports_probabilities_and_health() -> None:
         "health": "backoff",
         "consecutive_failures": 1,
         "backoff_remaining": 20.0,
+        "unconfirmed_failures": 0,
     }
     # weights 1 and 1/4 among the two available models
     assert simple["gpt-4o-mini"]["probability"] == pytest.approx(0.8)

@@ -31,7 +31,8 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("tier_middleware")
 
-DEFAULT_FAILURE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# 408: the provider timed out (SDKs retry it); 529: Anthropic's "overloaded", like a 503.
+DEFAULT_FAILURE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 _LIFESPAN_END = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 

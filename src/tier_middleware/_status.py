@@ -98,6 +98,9 @@ def _tiers(router: TierRouter) -> dict[str, list[dict[str, Any]]]:
                     "health": state.state,
                     "consecutive_failures": state.consecutive_failures,
                     "backoff_remaining": _seconds(state.backoff_remaining),
+                    # failures of distinct requests that no request got past, waiting for
+                    # agreement before they count against the model
+                    "unconfirmed_failures": state.unconfirmed_failures,
                 }
             )
         tiers[tier] = rows
