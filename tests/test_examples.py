@@ -10,18 +10,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from servers import Server, client, free_port, stop, wait_until_listening
 from tier_middleware import TierConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,59 +29,11 @@ EXAMPLES = {
     "django": "examples.django_project.asgi:application",
 }
 SCRIPTS = {"starlette": "examples/starlette_app.py", "fastapi": "examples/fastapi_app.py"}
-STARTUP_DEADLINE = 15.0  # seconds; a cold start (first import of Django, FastAPI) is ~1 s
 
 TIERS = TierConfig.load(ROOT / "examples" / "tiers.toml")
 PROVIDER_OF = {(t, m.model): m.provider for t in TIERS.tier_order for m in TIERS.models(t)}
 MODELS = {t: {m.model for m in TIERS.models(t)} for t in TIERS.tier_order}
 MESSAGES = [{"role": "user", "content": "hi there"}]
-
-
-@dataclass
-class Server:
-    url: str
-    log: Path
-    process: subprocess.Popen[bytes]
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_until_listening(server: Server, port: int) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while True:
-        if server.process.poll() is not None:
-            pytest.fail(f"the server exited with {server.process.returncode}:\n{server.log_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"the server did not listen within {STARTUP_DEADLINE} s:\n{server.log_text()}"
-                )
-            time.sleep(0.02)  # poll interval, not a timing assumption
-
-
-def stop(server: Server) -> bool:
-    """SIGTERM (uvicorn's graceful shutdown); False if the server had to be killed."""
-    process = server.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            return False
-    return True
 
 
 @pytest.fixture
@@ -120,11 +70,6 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         assert server.process.returncode in (0, -signal.SIGTERM), text
         assert "Finished server process" in text, text
         assert "Traceback" not in text, text
-
-
-def client(server: Server) -> httpx.Client:
-    # trust_env=False: an HTTP(S)_PROXY in the environment must not capture loopback calls.
-    return httpx.Client(base_url=server.url, timeout=5.0, trust_env=False)
 
 
 def assert_completion(response: httpx.Response, tier: str, rest: dict[str, Any]) -> None:
