@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +44,20 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Starts an example; every server started is stopped, and its log checked, at teardown."""
     servers: list[Server] = []
 
-    def start(example: str, *, script: bool = False) -> Server:
+    def start(
+        example: str,
+        *,
+        script: bool = False,
+        command: list[str] | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> Server:
+        """`example` by this interpreter's uvicorn (or as a script), or by `command` plus a port."""
         port = free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PORT": str(port)}
+        env = {**environ, "PYTHONUNBUFFERED": "1", "PORT": str(port)}
         env.pop("DJANGO_SETTINGS_MODULE", None)  # asgi.py sets its own unless one is given
-        if script:
+        if command is not None:
+            argv = [*command, "--port", str(port)]
+        elif script:
             argv = [sys.executable, "-W", "error", SCRIPTS[example]]
         else:
             argv = [sys.executable, "-W", "error", "-m", "uvicorn", EXAMPLES[example]]
@@ -83,7 +95,8 @@ def assert_completion(response: httpx.Response, tier: str, rest: dict[str, Any])
     answer = response.json()
     assert answer["object"] == "chat.completion"
     assert answer["model"] == model
-    assert answer["choices"][0]["message"]["content"] == f"Hello from {model}! You said: hi there"
+    said = rest["messages"][-1]["content"]
+    assert answer["choices"][0]["message"]["content"] == f"Hello from {model}! You said: {said}"
     usage = answer["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
     # The endpoint got the client's body with the choice in `model` and no tier field.
@@ -199,3 +212,58 @@ def test_example_runs_as_a_script(start_server: Callable[..., Server], example: 
         assert_completion(
             http.post("/v1/chat/completions", json=body), "simple", {"messages": MESSAGES}
         )
+
+
+# -- the README's commands, as written, in a fresh virtual environment -----------------------------
+
+README = (ROOT / "README.md").read_text()
+# The install line beside the examples table, each example's `run` command, and the curl request.
+README_INSTALL = re.findall(r"^pip install -e '\.\[examples\]'$", README, re.MULTILINE)
+README_RUNS = re.findall(r"^\| `(examples/[^`]+)` \| `(uvicorn [^`]+)` \|", README, re.MULTILINE)
+README_CURL = re.findall(
+    r"^curl -si localhost:8000(/\S+) -H 'content-type: application/json' \\\n\s+-d '([^']+)'$",
+    README,
+    re.MULTILINE,
+)
+
+
+def test_the_readme_shows_what_the_next_test_runs() -> None:
+    assert len(README_INSTALL) == 1
+    assert [file for file, _ in README_RUNS] == [
+        "examples/starlette_app.py",
+        "examples/fastapi_app.py",
+        "examples/django_project/",
+    ]
+    assert len(README_CURL) == 1
+
+
+@pytest.fixture(scope="module")
+def readme_venv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A fresh virtual environment (one for the module: the install takes a while) in which the
+    README's install line ran from the repository root; returns the environment that activates
+    it, as `. .venv/bin/activate` would."""
+    venv = tmp_path_factory.mktemp("readme") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["VIRTUAL_ENV"] = str(venv)
+    # Without the test run's own environment: its uvicorn must not stand in for a missing one.
+    ours = str(Path(sys.executable).parent)
+    path = [p for p in env["PATH"].split(os.pathsep) if p != ours]
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), *path])
+    [install] = README_INSTALL
+    done = subprocess.run(shlex.split(install), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert shutil.which("uvicorn", path=env["PATH"]) == str(venv / "bin" / "uvicorn")
+    return env
+
+
+@pytest.mark.parametrize(("example", "command"), README_RUNS)
+def test_readme_commands_run_as_written(
+    start_server: Callable[..., Server], readme_venv: dict[str, str], example: str, command: str
+) -> None:
+    server = start_server(Path(example).stem, command=shlex.split(command), environ=readme_venv)
+    [(path, body)] = README_CURL
+    with client(server) as http:
+        response = http.post(path, content=body, headers={"content-type": "application/json"})
+    rest = json.loads(body)
+    assert_completion(response, rest.pop("tier"), rest)
