@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from servers import Server, client, free_port, stop, wait_until_listening
+from samples import parse, value
+from servers import Server, client, free_port, prometheus, stop, until, wait_until_listening
 from tier_middleware import TierConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,6 +213,62 @@ def test_example_runs_as_a_script(start_server: Callable[..., Server], example: 
         assert_completion(
             http.post("/v1/chat/completions", json=body), "simple", {"messages": MESSAGES}
         )
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_metrics_and_status_answer_at_their_paths(
+    start_server: Callable[..., Server], example: str
+) -> None:
+    server = start_server(example)
+    with client(server) as http:
+        body = {"tier": "simple", "messages": MESSAGES}
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+        metrics = http.get("/metrics")
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"].startswith("text/plain")
+        assert value(parse(metrics.text), "llm_tier_requests_total", tier="simple") == 1
+        status = http.get("/status")
+        assert status.status_code == 200
+        [router] = status.json()["routers"]
+        assert router["config"]["version"] == TIERS.version
+
+        for path in ("/metrics/", "/status/"):
+            answer = http.get(path)
+            if example == "django":  # asgi.py dispatches by path, trailing slash or not
+                assert answer.status_code == 200, path
+            else:  # Starlette's rule for every route: the other spelling redirects to it
+                assert answer.status_code == 307, path
+                assert answer.headers["location"] == server.url + path.rstrip("/")
+
+
+def test_a_real_prometheus_scrapes_the_fastapi_example_at_metrics(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start_server("fastapi")
+    with client(server) as http:
+        body = {"tier": "simple", "messages": MESSAGES}
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+    target = server.url.removeprefix("http://")
+    with prometheus(tmp_path, target, "/metrics") as api:
+
+        def scraped() -> dict[str, Any] | None:
+            targets = api.get("/api/v1/targets").json()["data"]["activeTargets"]
+            return next((t for t in targets if t["health"] != "unknown"), None)
+
+        scrape = until(scraped, "Prometheus never scraped the target")
+        assert (scrape["health"], scrape["lastError"]) == ("up", "")
+        assert scrape["scrapeUrl"] == f"{server.url}/metrics"
+
+        def sample() -> list[Any]:
+            query = {"query": 'llm_tier_requests_total{tier="simple"}'}
+            result: list[Any] = api.get("/api/v1/query", params=query).json()["data"]["result"]
+            return result
+
+        [series] = until(sample, "our sample never reached Prometheus")
+        assert series["metric"]["job"] == "tier"
+        assert float(series["value"][1]) == 1
 
 
 # -- the README's commands, as written, in a fresh virtual environment -----------------------------
