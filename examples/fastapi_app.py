@@ -29,6 +29,11 @@ Make a model fail, to watch the retry on another model of the tier (the endpoint
 
 A failed model stays in the middleware's backoff (30 s by default, then one probe request) even
 after /admin/recover. The /admin paths are not routed, so the middleware leaves them untouched.
+
+The middleware's metrics and status page::
+
+    curl -s localhost:8000/metrics        # Prometheus text format
+    curl -s localhost:8000/status         # JSON: per-model probability and health
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from tier_middleware import TierRoutingMiddleware, current_selection
+from tier_middleware import TierRoutingMiddleware, current_selection, metrics_app, status_app
 
 try:
     from examples import fake_provider
@@ -52,6 +57,8 @@ CONFIG = Path(__file__).with_name("tiers.toml")
 
 app = FastAPI(title="tier-middleware FastAPI example")
 app.add_middleware(TierRoutingMiddleware, config=CONFIG, routes=["/v1/chat/completions"])
+app.add_route("/metrics", metrics_app())
+app.add_route("/status", status_app())
 
 
 @app.post("/v1/chat/completions", response_model=None)

@@ -27,6 +27,11 @@ Make a model fail, to watch the retry on another model of the tier::
 
 A failed model stays in the middleware's backoff (30 s by default, then one probe request) even
 after /admin/recover. The /admin paths are not routed, so the middleware leaves them untouched.
+
+The middleware's metrics and status page::
+
+    curl -s localhost:8000/metrics        # Prometheus text format
+    curl -s localhost:8000/status         # JSON: per-model probability and health
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tier_middleware import TierRoutingMiddleware
+from tier_middleware import TierRoutingMiddleware, metrics_app, status_app
 
 try:
     from examples import fake_provider
@@ -83,6 +88,8 @@ app = Starlette(
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/admin/fail", fail, methods=["POST"]),
         Route("/admin/recover", recover, methods=["POST"]),
+        Route("/metrics", metrics_app()),
+        Route("/status", status_app()),
     ]
 )
 app.add_middleware(TierRoutingMiddleware, config=CONFIG, routes=["/v1/chat/completions"])

@@ -22,29 +22,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 import redis
 
+from servers import free_port, missing
+
 START_TIMEOUT = 10.0  # seconds for a server to answer PING after it is spawned
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _missing(reason: str) -> NoReturn:
-    if _ci():
-        pytest.fail(f"{reason}; CI is set, so the Redis tests may not be skipped")
-    pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisServer:
@@ -56,7 +41,7 @@ class RedisServer:
     def __init__(self, binary: str, workdir: Path) -> None:
         self.binary = binary
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.socket_path = workdir / "redis.sock"
         self.logfile = workdir / "redis.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -200,7 +185,7 @@ def _server(workdir: Path) -> RedisServer:
     wanted = os.environ.get("REDIS_SERVER") or "redis-server"  # a name on PATH, or a path
     binary = shutil.which(wanted)
     if binary is None:
-        _missing(f"no {wanted!r} executable found (set REDIS_SERVER or REDIS_URL)")
+        missing(f"no {wanted!r} executable found (set REDIS_SERVER or REDIS_URL)")
     return RedisServer(binary, workdir)
 
 

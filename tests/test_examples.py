@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from samples import parse, value
+from servers import Server, client, free_port, prometheus, stop, until, wait_until_listening
 from tier_middleware import TierConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +33,6 @@ EXAMPLES = {
     "django": "examples.django_project.asgi:application",
 }
 SCRIPTS = {"starlette": "examples/starlette_app.py", "fastapi": "examples/fastapi_app.py"}
-STARTUP_DEADLINE = 15.0  # seconds; a cold start (first import of Django, FastAPI) is ~1 s
 
 TIERS = TierConfig.load(ROOT / "examples" / "tiers.toml")
 PROVIDER_OF = {(t, m.model): m.provider for t in TIERS.tier_order for m in TIERS.models(t)}
@@ -39,63 +40,25 @@ MODELS = {t: {m.model for m in TIERS.models(t)} for t in TIERS.tier_order}
 MESSAGES = [{"role": "user", "content": "hi there"}]
 
 
-@dataclass
-class Server:
-    url: str
-    log: Path
-    process: subprocess.Popen[bytes]
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_until_listening(server: Server, port: int) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while True:
-        if server.process.poll() is not None:
-            pytest.fail(f"the server exited with {server.process.returncode}:\n{server.log_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"the server did not listen within {STARTUP_DEADLINE} s:\n{server.log_text()}"
-                )
-            time.sleep(0.02)  # poll interval, not a timing assumption
-
-
-def stop(server: Server) -> bool:
-    """SIGTERM (uvicorn's graceful shutdown); False if the server had to be killed."""
-    process = server.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            return False
-    return True
-
-
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Starts an example; every server started is stopped, and its log checked, at teardown."""
     servers: list[Server] = []
 
-    def start(example: str, *, script: bool = False) -> Server:
+    def start(
+        example: str,
+        *,
+        script: bool = False,
+        command: list[str] | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> Server:
+        """`example` by this interpreter's uvicorn (or as a script), or by `command` plus a port."""
         port = free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PORT": str(port)}
+        env = {**environ, "PYTHONUNBUFFERED": "1", "PORT": str(port)}
         env.pop("DJANGO_SETTINGS_MODULE", None)  # asgi.py sets its own unless one is given
-        if script:
+        if command is not None:
+            argv = [*command, "--port", str(port)]
+        elif script:
             argv = [sys.executable, "-W", "error", SCRIPTS[example]]
         else:
             argv = [sys.executable, "-W", "error", "-m", "uvicorn", EXAMPLES[example]]
@@ -122,11 +85,6 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         assert "Traceback" not in text, text
 
 
-def client(server: Server) -> httpx.Client:
-    # trust_env=False: an HTTP(S)_PROXY in the environment must not capture loopback calls.
-    return httpx.Client(base_url=server.url, timeout=5.0, trust_env=False)
-
-
 def assert_completion(response: httpx.Response, tier: str, rest: dict[str, Any]) -> None:
     """A good answer for `tier` to a request whose body, minus the tier, was `rest`."""
     assert response.status_code == 200, response.text
@@ -138,7 +96,8 @@ def assert_completion(response: httpx.Response, tier: str, rest: dict[str, Any])
     answer = response.json()
     assert answer["object"] == "chat.completion"
     assert answer["model"] == model
-    assert answer["choices"][0]["message"]["content"] == f"Hello from {model}! You said: hi there"
+    said = rest["messages"][-1]["content"]
+    assert answer["choices"][0]["message"]["content"] == f"Hello from {model}! You said: {said}"
     usage = answer["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
     # The endpoint got the client's body with the choice in `model` and no tier field.
@@ -257,3 +216,114 @@ def test_example_runs_as_a_script(start_server: Callable[..., Server], example: 
         assert_completion(
             http.post("/v1/chat/completions", json=body), "simple", {"messages": MESSAGES}
         )
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_metrics_and_status_answer_at_their_paths(
+    start_server: Callable[..., Server], example: str
+) -> None:
+    server = start_server(example)
+    with client(server) as http:
+        body = {"tier": "simple", "messages": MESSAGES}
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+        metrics = http.get("/metrics")
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"].startswith("text/plain")
+        assert value(parse(metrics.text), "llm_tier_requests_total", tier="simple") == 1
+        status = http.get("/status")
+        assert status.status_code == 200
+        [router] = status.json()["routers"]
+        assert router["config"]["version"] == TIERS.version
+
+        for path in ("/metrics/", "/status/"):
+            answer = http.get(path)
+            if example == "django":  # asgi.py dispatches by path, trailing slash or not
+                assert answer.status_code == 200, path
+            else:  # Starlette's rule for every route: the other spelling redirects to it
+                assert answer.status_code == 307, path
+                assert answer.headers["location"] == server.url + path.rstrip("/")
+
+
+def test_a_real_prometheus_scrapes_the_fastapi_example_at_metrics(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start_server("fastapi")
+    with client(server) as http:
+        body = {"tier": "simple", "messages": MESSAGES}
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+    target = server.url.removeprefix("http://")
+    with prometheus(tmp_path, target, "/metrics") as api:
+
+        def scraped() -> dict[str, Any] | None:
+            targets = api.get("/api/v1/targets").json()["data"]["activeTargets"]
+            return next((t for t in targets if t["health"] != "unknown"), None)
+
+        scrape = until(scraped, "Prometheus never scraped the target")
+        assert (scrape["health"], scrape["lastError"]) == ("up", "")
+        assert scrape["scrapeUrl"] == f"{server.url}/metrics"
+
+        def sample() -> list[Any]:
+            query = {"query": 'llm_tier_requests_total{tier="simple"}'}
+            result: list[Any] = api.get("/api/v1/query", params=query).json()["data"]["result"]
+            return result
+
+        [series] = until(sample, "our sample never reached Prometheus")
+        assert series["metric"]["job"] == "tier"
+        assert float(series["value"][1]) == 1
+
+
+# -- the README's commands, as written, in a fresh virtual environment -----------------------------
+
+README = (ROOT / "README.md").read_text()
+# The install line beside the examples table, each example's `run` command, and the curl request.
+README_INSTALL = re.findall(r"^pip install -e '\.\[examples\]'$", README, re.MULTILINE)
+README_RUNS = re.findall(r"^\| `(examples/[^`]+)` \| `(uvicorn [^`]+)` \|", README, re.MULTILINE)
+README_CURL = re.findall(
+    r"^curl -si localhost:8000(/\S+) -H 'content-type: application/json' \\\n\s+-d '([^']+)'$",
+    README,
+    re.MULTILINE,
+)
+
+
+def test_the_readme_shows_what_the_next_test_runs() -> None:
+    assert len(README_INSTALL) == 1
+    assert [file for file, _ in README_RUNS] == [
+        "examples/starlette_app.py",
+        "examples/fastapi_app.py",
+        "examples/django_project/",
+    ]
+    assert len(README_CURL) == 1
+
+
+@pytest.fixture(scope="module")
+def readme_venv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A fresh virtual environment (one for the module: the install takes a while) in which the
+    README's install line ran from the repository root; returns the environment that activates
+    it, as `. .venv/bin/activate` would."""
+    venv = tmp_path_factory.mktemp("readme") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["VIRTUAL_ENV"] = str(venv)
+    # Without the test run's own environment: its uvicorn must not stand in for a missing one.
+    ours = str(Path(sys.executable).parent)
+    path = [p for p in env["PATH"].split(os.pathsep) if p != ours]
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), *path])
+    [install] = README_INSTALL
+    done = subprocess.run(shlex.split(install), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert shutil.which("uvicorn", path=env["PATH"]) == str(venv / "bin" / "uvicorn")
+    return env
+
+
+@pytest.mark.parametrize(("example", "command"), README_RUNS)
+def test_readme_commands_run_as_written(
+    start_server: Callable[..., Server], readme_venv: dict[str, str], example: str, command: str
+) -> None:
+    server = start_server(Path(example).stem, command=shlex.split(command), environ=readme_venv)
+    [(path, body)] = README_CURL
+    with client(server) as http:
+        response = http.post(path, content=body, headers={"content-type": "application/json"})
+    rest = json.loads(body)
+    assert_completion(response, rest.pop("tier"), rest)

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import pytest
 from asgi_harness import Provider, call
 from control_plane import ControlPlane
 from redis_server import RedisServer
+from servers import free_port
 from tier_middleware import ControlPlaneSource, TierRoutingMiddleware
 from tier_middleware._sources import ConfigManager
 from tier_middleware._stores.redis import RedisStore
@@ -56,13 +56,6 @@ SIMPLE = {"mini", "haiku"}
 COMPLEX = {"o3", "opus"}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class Instance:
     """One `python -m uvicorn fleet_app:app` process."""
@@ -81,7 +74,7 @@ class Instance:
         return f"http://127.0.0.1:{self.port}"
 
     def spawn(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.spawns += 1
         cmd = [
             sys.executable, "-m", "uvicorn", "fleet_app:app",

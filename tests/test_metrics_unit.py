@@ -491,6 +491,48 @@ async def test_metrics_app_serves_the_registry(registry: CollectorRegistry) -> N
     assert sample.value == 1.0
 
 
+# How each registration answers `/metrics` and `/metrics/` (None: the app itself answers, 200).
+REGISTRATIONS: dict[str, tuple[int | None, int | None]] = {
+    "add_route": (None, 307),  # the README's line; the slash form redirects to the route
+    "add_route+mount": (None, None),  # both spellings answered
+    "mount": (307, None),  # Starlette's Mount answers only below the path
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("registration", REGISTRATIONS)
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+@pytest.mark.parametrize("which", ["metrics", "status"])
+async def test_the_small_apps_at_their_path_in_starlette_and_fastapi(
+    registry: CollectorRegistry, framework: str, registration: str, which: str
+) -> None:
+    from fastapi import FastAPI
+    from starlette.applications import Starlette
+
+    app = FastAPI() if framework == "fastapi" else Starlette()
+    path = f"/{which}"
+    for how in registration.split("+"):
+        # A new app each time, as a user's two lines would make.
+        endpoint = metrics_app(registry) if which == "metrics" else status_app()
+        if how == "mount":
+            app.mount(path, endpoint)
+        else:
+            app.add_route(path, endpoint)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        for asked, expected in zip((path, f"{path}/"), REGISTRATIONS[registration], strict=True):
+            response = await client.get(asked)
+            if expected is None:
+                assert response.status_code == 200, asked
+                type_ = "text/plain" if which == "metrics" else "application/json"
+                assert response.headers["content-type"].startswith(type_)
+            else:
+                assert response.status_code == expected, asked
+                other = path if asked.endswith("/") else f"{path}/"
+                assert response.headers["location"] == f"http://test{other}"
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("which", ["metrics_app", "status_app"])
 async def test_the_small_apps_acknowledge_lifespan(registry: CollectorRegistry, which: str) -> None:

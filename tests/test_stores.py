@@ -18,7 +18,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from _clock import FakeClock
-from redis_server import BlackHole, RedisServer, _free_port
+from redis_server import BlackHole, RedisServer
+from servers import free_port
 from tier_middleware._health import HealthConfig, HealthTracker, backoff_step
 from tier_middleware._stores import (
     MemoryStore,
@@ -767,7 +768,7 @@ async def test_a_hung_server_fails_fast_and_the_store_recovers_when_it_resumes(
 
 @pytest.mark.redis
 async def test_nothing_listening_fails_fast() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_free_port()}/0")
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
     try:
         await _fails_fast(lambda: store.get_session("k", 60.0), RedisConnectionError)
         assert await store.ping() is False

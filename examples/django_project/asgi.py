@@ -9,20 +9,32 @@ Django's ASGI handler does not speak the lifespan protocol; with uvicorn's defau
 `--lifespan off` to silence it). The middleware hands lifespan events to Django unchanged.
 
 Requests and the fail switch are the same as in the Starlette example; see views.py.
+Django's URLconf routes to views, not to ASGI apps, so the middleware's metrics and status page
+are dispatched here, by path, with or without a trailing slash::
+
+    curl -s localhost:8000/metrics        # Prometheus text format
+    curl -s localhost:8000/status         # JSON: per-model probability and health
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from django.core.asgi import get_asgi_application
 
-from tier_middleware import TierRoutingMiddleware
+from tier_middleware import TierRoutingMiddleware, metrics_app, status_app
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "examples.django_project.settings")
 
 CONFIG = Path(__file__).resolve().parent.parent / "tiers.toml"
 ROUTES = ["/v1/chat/completions"]  # the paths whose requests are routed by tier
 
-application = TierRoutingMiddleware(get_asgi_application(), config=CONFIG, routes=ROUTES)
+django_app = TierRoutingMiddleware(get_asgi_application(), config=CONFIG, routes=ROUTES)
+endpoints = {"/metrics": metrics_app(), "/status": status_app()}
+
+
+async def application(scope: Any, receive: Any, send: Any) -> None:
+    endpoint = endpoints.get(scope["path"].rstrip("/")) if scope["type"] == "http" else None
+    await (endpoint or django_app)(scope, receive, send)

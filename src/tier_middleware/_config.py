@@ -205,7 +205,9 @@ def _read_file(path: Path) -> Any:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"{path}: cannot read config file: {exc.strerror or exc} ({_whereabouts(path)})"
+        ) from None
     try:
         if suffix == ".json":
             return json.loads(raw)
@@ -215,7 +217,18 @@ def _read_file(path: Path) -> Any:
         UnicodeDecodeError,
     ) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
         kind = "JSON" if suffix == ".json" else "TOML"
-        raise ConfigError(f"{path}: not valid {kind}: {exc}") from None
+        raise ConfigError(f"{path}: not valid {kind}: {exc} ({_whereabouts(path)})") from None
+
+
+def _whereabouts(path: Path) -> str:
+    """Where a relative path was looked for: a server started elsewhere misses the file."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working directory was deleted
+        return "working directory unknown"
+    if path.is_absolute():
+        return f"working directory {cwd}"
+    return f"absolute path {os.path.normpath(os.path.join(cwd, path))}, working directory {cwd}"
 
 
 def _unwrap(data: Any, source_name: str) -> Any:

@@ -24,7 +24,7 @@ from ._types import Headers, Receive, Scope, Send
 if TYPE_CHECKING:
     from ._middleware import TierRoutingMiddleware
 
-_CONFIG_RETRY_AFTER = 5.0  # seconds: a config fetch is retried in the background meanwhile
+CONFIG_RETRY_AFTER = 5.0  # seconds: a config fetch is retried in the background meanwhile
 _unique = itertools.count()  # fingerprints of bodies that were not held: each is distinct
 
 _current: ContextVar[Selection | None] = ContextVar("tier_selection", default=None)
@@ -134,7 +134,7 @@ class Exchange(Request):
                 raise service_unavailable(
                     "config_unavailable",
                     "no tier configuration is available yet",
-                    _CONFIG_RETRY_AFTER,
+                    CONFIG_RETRY_AFTER,
                     mw.retry_after_bounds,
                 )
         return mw.router

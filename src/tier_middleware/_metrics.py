@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 from ._router import Selection, TierRouter
-from ._types import ASGIApp, Receive, Scope, Send, other_scope
+from ._types import ASGIApp, SmallApp
 
 logger = logging.getLogger("tier_middleware")
 
@@ -403,16 +403,9 @@ class Metrics:
 
 def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
     """An ASGI app serving `registry` (default: prometheus_client.REGISTRY) in the Prometheus
-    text format, at any path; mount it at /metrics. Lifespan events are acknowledged."""
-    serve: ASGIApp = make_asgi_app(registry if registry is not None else REGISTRY)
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await serve(scope, receive, send)
-        else:
-            await other_scope(scope["type"], receive, send)
-
-    return app
+    text format, at any path: `app.add_route("/metrics", metrics_app())`. Lifespan events are
+    acknowledged."""
+    return SmallApp(make_asgi_app(registry if registry is not None else REGISTRY))
 
 
 __all__ = ["DURATION_BUCKETS", "Metrics", "metrics_app"]

@@ -6,6 +6,7 @@ lifespan, and hands each routed request to an `Exchange` (`_exchange.py`), which
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -16,7 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from ._budget import RetryBudget
 from ._config import ConfigError, TierConfig
-from ._exchange import Exchange, current_selection
+from ._errors import service_unavailable
+from ._exchange import CONFIG_RETRY_AFTER, Exchange, current_selection
 from ._health import HealthConfig, HealthTracker
 from ._metrics import Metrics
 from ._request import BODY_FRAMING, OWN_HEADERS
@@ -123,15 +125,28 @@ class TierRoutingMiddleware:
             on_backend_error=self.metrics.backend_error,
         )
         self.router: TierRouter | None = None
-        self.configs = ConfigManager(
-            config,
-            fallback=fallback,
-            store=store,
-            on_change=self._adopt,
-            on_refresh=self.metrics.config_refresh,
-        )
-        if self.configs.current is not None:
-            self._adopt(self.configs.current, startup=True)
+        self.config_error: ConfigError | None = None
+        self._config_error_reported = False
+        try:
+            self.configs = ConfigManager(
+                config,
+                fallback=fallback,
+                store=store,
+                on_change=self._adopt,
+                on_refresh=self.metrics.config_refresh,
+            )
+            if self.configs.current is not None:
+                self._adopt(self.configs.current, startup=True)
+        except ConfigError as exc:
+            # Built outside an event loop (at import, as Django's asgi.py does): raise, and the
+            # server fails to load the app. Built inside one (Starlette's lazy middleware stack,
+            # in the lifespan scope): uvicorn would take a raise for "lifespan unsupported" and
+            # serve 500s, so the error fails lifespan startup instead, and requests get a 503.
+            # Such an instance does nothing else: no config manager, no status-page entry.
+            if not _inside_event_loop():
+                raise
+            self.config_error = exc
+            return
         register_status_source(self)
 
     # -- configuration -----------------------------------------------------------------------------
@@ -172,7 +187,8 @@ class TierRoutingMiddleware:
 
     async def aclose(self) -> None:
         """Close what the middleware opened (HTTP client, Redis pool); lifespan shutdown does it."""
-        await self.configs.aclose()
+        if self.config_error is None:  # else no config manager was made
+            await self.configs.aclose()
         await self.state.aclose()
 
     # -- ASGI ----------------------------------------------------------------------------------------
@@ -185,6 +201,9 @@ class TierRoutingMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
+        if self.config_error is not None:
+            await self._config_unavailable(send)
+            return
         policy = self.routes.match(scope["path"])
         if policy is None:
             await self.app(scope, receive, send)
@@ -193,6 +212,13 @@ class TierRoutingMiddleware:
         await Exchange(self, scope, receive, send, policy).run()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.config_error is not None:
+            # The server refuses to start (uvicorn logs the message and exits with status 3).
+            if (await receive())["type"] == "lifespan.startup":
+                self._config_error_reported = True
+                await send({"type": "lifespan.startup.failed", "message": str(self.config_error)})
+            return
+
         async def send_then_close(message: Message) -> None:
             if message["type"] in _LIFESPAN_END:
                 await self.aclose()
@@ -200,3 +226,24 @@ class TierRoutingMiddleware:
 
         # An app without lifespan support (Django) raises here; the server handles that.
         await self.app(scope, receive, send_then_close)
+
+    async def _config_unavailable(self, send: Send) -> None:
+        """The answer to every request when the config could not be loaded and the server
+        started anyway (no lifespan startup): a 503, and the reason in the log once."""
+        if not self._config_error_reported:
+            self._config_error_reported = True
+            logger.error("tier config unavailable: %s", self.config_error)
+        await service_unavailable(
+            "config_unavailable",
+            "the tier configuration could not be loaded; the server log says why",
+            CONFIG_RETRY_AFTER,
+            self.retry_after_bounds,
+        ).send(send)
+
+
+def _inside_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

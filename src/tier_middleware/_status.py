@@ -14,7 +14,7 @@ import anyio
 import msgspec
 
 from ._router import TierRouter
-from ._types import ASGIApp, Receive, Scope, Send, other_scope
+from ._types import ASGIApp, Receive, Scope, Send, SmallApp
 
 logger = logging.getLogger("tier_middleware")
 
@@ -137,13 +137,10 @@ async def status_document(
 def status_app(*sources: StatusSource, session_timeout: float = SESSION_COUNT_TIMEOUT) -> ASGIApp:
     """An ASGI app answering GET (and HEAD) at any path with the status of `sources` as JSON,
     or, when none are given, of the sources registered when the request arrives. Other methods
-    get 405."""
+    get 405. `app.add_route("/status", status_app())`."""
     fixed = list(sources)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await other_scope(scope["type"], receive, send)
-            return
         method = scope.get("method", "GET")
         if method not in ("GET", "HEAD"):
             body = msgspec.json.encode({"error": f"method {method} not allowed; use GET"})
@@ -155,7 +152,7 @@ def status_app(*sources: StatusSource, session_timeout: float = SESSION_COUNT_TI
         body = msgspec.json.encode(document)
         await _respond(send, 200, body, head=method == "HEAD")
 
-    return app
+    return SmallApp(app)
 
 
 async def _respond(

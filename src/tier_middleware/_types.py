@@ -1,5 +1,5 @@
 """ASGI type aliases (kept here so the package imports no framework's types at runtime), and
-the one bit of ASGI plumbing the package's small apps share."""
+the bits of ASGI plumbing the package's small apps share."""
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -10,6 +10,23 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
+
+
+class SmallApp:
+    """One of the package's small apps (metrics, status): `http` answers HTTP, the rest is
+    `other_scope`. An object rather than a function, because Starlette's `add_route` calls a
+    function as `endpoint(request)` and only an object as an ASGI app."""
+
+    __slots__ = ("http",)
+
+    def __init__(self, http: ASGIApp) -> None:
+        self.http = http
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.http(scope, receive, send)
+        else:
+            await other_scope(scope["type"], receive, send)
 
 
 async def other_scope(kind: str, receive: Receive, send: Send) -> None:
