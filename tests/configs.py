@@ -45,3 +45,21 @@ def weighted(version: str | None = None) -> dict[str, Any]:
     if version is not None:
         config["version"] = version
     return config
+
+
+def real_names(flash_cost: int = 1, providers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Real model names: simple has gpt-4o-mini and gemini-2.0-flash (its cost `flash_cost`),
+    moderate and complex one model each; `providers` is the optional dispatch table."""
+    config: dict[str, Any] = {
+        "tiers": {
+            "simple": [
+                {"provider": "openai", "model": "gpt-4o-mini", "relative_cost": 1},
+                {"provider": "google", "model": "gemini-2.0-flash", "relative_cost": flash_cost},
+            ],
+            "moderate": [{"provider": "openai", "model": "gpt-4o", "relative_cost": 5}],
+            "complex": [{"provider": "anthropic", "model": "claude-opus-4", "relative_cost": 20}],
+        }
+    }
+    if providers is not None:
+        config["providers"] = providers
+    return config

@@ -1,7 +1,8 @@
 """A fake LLM provider for the official SDKs, and apps that call it the way teams write them.
 
-`FakeProvider.handler` answers OpenAI chat completions and Anthropic messages; plug it into an
-SDK as `httpx2.MockTransport(provider.handler)`. What fails is decided per call by `rules`
+`FakeProvider.handler` answers OpenAI chat completions (streamed too) and Anthropic messages;
+plug it into an SDK as `httpx2.MockTransport(provider.handler)`, or serve `provider.asgi` under
+uvicorn to reach it over loopback HTTP. What fails is decided per call by `rules`
 (functions of (model, prompt) returning a status, or None to answer normally), so a test can
 make one model sick, every model sick, or one prompt poison for every model.
 
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
@@ -48,10 +50,20 @@ def every_model(status: int = 500) -> Rule:
     return lambda m, p: status
 
 
+@dataclass
+class Call:
+    url: str
+    headers: dict[str, str]
+    model: str
+
+
 class FakeProvider:
     def __init__(self) -> None:
         self.rules: list[Rule] = []
         self.hits: list[str] = []  # the model of every call, in order
+        self.calls: list[Call] = []
+        # A streamed reply sends its first chunk, then waits for this before the rest.
+        self.stream_gate: asyncio.Event | None = None
         self.failure_headers: dict[str, str] = {}  # sent with every failure
         # While set, calls wait here until `hold` of them are in flight (a burst that fails
         # together), then `on_release` runs (a test moves its clock: the calls took time).
@@ -68,10 +80,41 @@ class FakeProvider:
         return None
 
     async def handler(self, request: httpx2.Request) -> httpx2.Response:
-        body = json.loads(request.content)
+        status, headers, content = await self._answer(
+            str(request.url), dict(request.headers), request.content
+        )
+        return httpx2.Response(status, headers=headers, content=content)
+
+    async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The same provider as a raw ASGI app, for uvicorn."""
+        if scope["type"] != "http":
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        url = f"http://{headers.get('host', '')}{scope['path']}"
+        status, out, content = await self._answer(url, headers, b"".join(chunks))
+        raw = [(k.encode(), v.encode()) for k, v in out.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        if isinstance(content, bytes):
+            await send({"type": "http.response.body", "body": content})
+            return
+        async for chunk in content:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _answer(
+        self, url: str, headers: dict[str, str], raw: bytes
+    ) -> tuple[int, dict[str, str], bytes | AsyncIterator[bytes]]:
+        body = json.loads(raw)
         model = body["model"]
         prompt = body["messages"][-1]["content"]
         self.hits.append(model)
+        self.calls.append(Call(url, headers, model))
         if self.hold:
             self.in_flight += 1
             if self.in_flight >= self.hold and not self.all_in.is_set():
@@ -80,12 +123,28 @@ class FakeProvider:
                 self.all_in.set()
             await self.all_in.wait()
         status = self.status_for(model, prompt)
-        anthropic_api = request.url.path.endswith(MESSAGES)
+        anthropic_api = url.endswith(MESSAGES)
+        json_type = {"content-type": "application/json"}
         if status is not None:
-            return httpx2.Response(
-                status, json=_error(status, anthropic_api), headers=self.failure_headers
-            )
-        return httpx2.Response(200, json=_reply(model, anthropic_api))
+            content = json.dumps(_error(status, anthropic_api)).encode()
+            return status, {**json_type, **self.failure_headers}, content
+        if body.get("stream"):
+            return 200, {"content-type": "text/event-stream"}, self._events(model)
+        return 200, json_type, json.dumps(_reply(model, anthropic_api)).encode()
+
+    async def _events(self, model: str) -> AsyncIterator[bytes]:
+        for n, text in enumerate(["Hel", "lo", "!"]):
+            chunk = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+            }
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+            if n == 0 and self.stream_gate is not None:
+                await self.stream_gate.wait()
+        yield b"data: [DONE]\n\n"
 
 
 def _error(status: int, anthropic_api: bool) -> dict[str, Any]:

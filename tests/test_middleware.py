@@ -738,3 +738,15 @@ async def test_usage_is_counted_however_the_response_headers_are_spelled(
     labels = {"tier": "complex", "provider": "anthropic", "model": "opus"}
     assert registry.get_sample_value("llm_tokens_total", {**labels, "kind": "input"}) == 7
     assert registry.get_sample_value("llm_tokens_total", {**labels, "kind": "output"}) == 3
+
+
+async def test_a_503_for_a_session_held_at_a_higher_tier_names_that_tier() -> None:
+    mw, _ = make()
+    headers = [("content-type", "application/json"), ("x-session-id", "conv-1")]
+    assert (await call(mw, chat(tier="moderate"), headers=headers)).status == 200
+    mw.health.record_failure("openai", "4o")  # moderate's only model
+    result = await call(mw, chat(tier="simple"), headers=headers)  # never down a tier
+    assert (result.status, result.headers["x-tier"]) == (503, "moderate")
+    assert result.json()["error"]["message"] == (
+        "all models for tier 'moderate' are temporarily unavailable"
+    )

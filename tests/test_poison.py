@@ -20,6 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from _clock import FakeClock
+from configs import real_names
 from llm_provider import CHAT, FakeProvider, every_model, fails, poison, sdk_app
 from redis_server import RedisServer
 from samples import Samples, scrape, total, value
@@ -207,16 +208,7 @@ async def test_when_every_model_fails_the_tier_answers_503_within_eight_requests
 
 # -- failure bursts -------------------------------------------------------------------------------
 
-BURST_CONFIG: dict[str, Any] = {
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "gpt-4o-mini", "relative_cost": 1},
-            {"provider": "google", "model": "gemini-2.0-flash", "relative_cost": 3},
-        ],
-        "moderate": [{"provider": "openai", "model": "gpt-4o", "relative_cost": 5}],
-        "complex": [{"provider": "anthropic", "model": "claude-opus-4", "relative_cost": 20}],
-    }
-}
+BURST_CONFIG = real_names(flash_cost=3)
 
 
 async def test_a_burst_failing_together_is_one_step_and_the_model_is_probed_after_it() -> None:

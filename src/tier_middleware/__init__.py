@@ -1,13 +1,15 @@
 """Route LLM calls by complexity tier inside any ASGI app."""
 
-from ._config import ConfigError, ModelConfig, TierConfig
+from ._attempt import current_selection
+from ._config import ConfigError, ModelConfig, ProviderConfig, TierConfig
 from ._health import HealthConfig, HealthTracker, ModelHealth
 from ._metrics import metrics_app
-from ._middleware import TierRoutingMiddleware, current_selection
+from ._middleware import TierRoutingMiddleware
 from ._router import NoHealthyModel, RoutingError, Selection, TierRouter, UnknownTier
 from ._routes import RoutePolicy
 from ._sources import ControlPlaneSource
 from ._status import status_app
+from ._upstream import UpstreamTransport
 
 __all__ = [
     "ConfigError",
@@ -17,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "ModelHealth",
     "NoHealthyModel",
+    "ProviderConfig",
     "RoutePolicy",
     "RoutingError",
     "Selection",
@@ -24,6 +27,7 @@ __all__ = [
     "TierRouter",
     "TierRoutingMiddleware",
     "UnknownTier",
+    "UpstreamTransport",
     "current_selection",
     "metrics_app",
     "status_app",

@@ -4,9 +4,11 @@ whether the response goes out or is dropped for a retry, and the verdict on how 
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from ._attribution import Verdict, judge_exception, judge_status, retry_after_of
+from ._errors import service_unavailable
 from ._request import OWN_HEADERS, by_name
 from ._router import Selection
 from ._types import Headers, Message, Scope
@@ -18,21 +20,36 @@ if TYPE_CHECKING:
 # `x-tier-attempts` values, encoded once.
 _ATTEMPTS = tuple((b"x-tier-attempts", str(n).encode()) for n in range(16))
 
+# The attempt the app is handling now: `current_selection()` and `UpstreamTransport` read it.
+current_attempt: ContextVar[Attempt | None] = ContextVar("tier_attempt", default=None)
+
+
+def current_selection() -> Selection | None:
+    """The model chosen for the request being handled, inside the app; None elsewhere."""
+    attempt = current_attempt.get()
+    return None if attempt is None else attempt.selection
+
 
 class Attempt:
     __slots__ = (
         "began",
         "body",
+        "calls",
         "can_retry",
+        "dropped",
         "exchange",
         "failed",
+        "misconfigured",
         "next",
         "pending",
         "recorded",
+        "recovered",
         "selection",
         "started",
         "started_at",
         "tap",
+        "upstream",
+        "upstream_retry_after",
     )
 
     def __init__(self, exchange: Exchange, selection: Selection, can_retry: bool) -> None:
@@ -45,9 +62,16 @@ class Attempt:
         self.recorded = False  # the outcome is told (to health, or held by the exchange)
         self.failed = False  # ... and it was a model failure
         self.next: Selection | None = None  # set when this response is dropped for a retry
+        self.dropped = False  # the app's response is not sent (a retry, or our own answer)
         self.tap: UsageTap | None = None
         self.began = 0.0  # on the health clock
         self.started_at = 0.0  # perf_counter, for the duration histogram
+        # What the provider calls the app made through UpstreamTransport said (see `report`).
+        self.calls = 0
+        self.upstream: Verdict | None = None  # the verdict on the last call
+        self.upstream_retry_after: float | None = None
+        self.recovered = False  # a call failed, and a later one (an SDK retry) succeeded
+        self.misconfigured: str | None = None  # why the call could not be dispatched
 
     def scope(self, base_headers: Headers) -> Scope:
         """The scope the app gets: rewritten body's length, the choice in headers and state."""
@@ -84,6 +108,45 @@ class Attempt:
             self.recorded = True
             await self.exchange.mw.state.release(self.selection)
 
+    def report(self, verdict: Verdict, retry_after: float | None = None) -> None:
+        """The provider's own outcome of one call the app made (from `UpstreamTransport`): it
+        decides this attempt's verdict instead of the app's answer. Cheap and bounded: a
+        hundred calls keep one verdict, not a hundred records."""
+        self.calls += 1
+        if verdict is Verdict.MODEL_FAILURE:
+            self.upstream_retry_after = retry_after
+            if self.started and not self.failed:
+                self.fail(retry_after)  # a stream broke after the response went out
+        elif verdict is Verdict.SUCCESS and self.upstream is Verdict.MODEL_FAILURE:
+            self.recovered = True
+        self.upstream = verdict
+
+    def _judged(self, verdict: Verdict, retry_after: float | None) -> tuple[Verdict, float | None]:
+        """The verdict, once the provider's reports (if any) are taken into account."""
+        upstream = self.upstream
+        if upstream is None:
+            return verdict, retry_after
+        if upstream is Verdict.SUCCESS:
+            if self.recovered:  # the app's SDK got past a failure on this model: it was its
+                self.exchange.hold_failure((self.selection, self.upstream_retry_after, self.began))
+            # The provider answered: a 429/5xx or a crash of the app's own is the app's error.
+            return (Verdict.APP_ERROR if verdict is Verdict.MODEL_FAILURE else verdict), None
+        if upstream is Verdict.MODEL_FAILURE:  # whatever the app made of it (even a 200)
+            return upstream, self.upstream_retry_after or retry_after
+        return upstream, None  # the provider's 4xx: the caller's, whatever the app answered
+
+    async def _misconfigured(self) -> None:
+        """The call could not go to the chosen provider: our own 503, instead of the app's
+        answer (no health change: the model was never asked)."""
+        self.dropped = True
+        await self.release()
+        await service_unavailable(
+            "provider_misconfigured",
+            f"provider {self.selection.provider!r} is not configured correctly on this server",
+            self.exchange.mw.retry_after_bounds[1],
+            self.exchange.mw.retry_after_bounds,
+        ).send(self.exchange.send, self.selection.headers)
+
     async def _neutral(self, verdict: Verdict) -> None:
         if verdict is Verdict.CALLER_ERROR and not self.recorded:
             self.exchange.mw.metrics.caller_error(self.selection)
@@ -98,7 +161,15 @@ class Attempt:
             return False
         if self.failed:
             return False  # a failure response went out already; raising adds nothing
-        verdict, retry_after = judge_exception(exc, ex.mw.failure_statuses)
+        if self.misconfigured is not None and not self.started:
+            if self.can_retry:
+                await self.release()
+                self.next = await ex.alternative()
+                if self.next is not None:
+                    return True
+            await self._misconfigured()
+            return True
+        verdict, retry_after = self._judged(*judge_exception(exc, ex.mw.failure_statuses))
         if verdict is not Verdict.MODEL_FAILURE:
             await self._neutral(verdict)
             return False
@@ -119,10 +190,10 @@ class Attempt:
         if message["type"] == "http.response.start":
             start = await self._start(message)
             if start is None:
-                return  # dropped: this attempt's failure is retried on another model
+                return  # dropped: retried on another model, or answered by us
             message = start
-        elif self.next is not None:
-            return  # draining a response that will be retried
+        elif self.dropped:
+            return  # draining a response that is not sent
         elif self.tap is not None and message["type"] == "http.response.body":
             self.tap.feed(message.get("body", b""))
         try:
@@ -142,7 +213,19 @@ class Attempt:
         status = message["status"]
         headers = message.get("headers") or ()
         mw.metrics.duration(sel, time.perf_counter() - self.started_at)
+        if self.misconfigured is not None:
+            if self.can_retry:
+                await self.release()
+                self.next = await ex.alternative()
+                if self.next is not None:
+                    self.dropped = True
+                    return None
+            await self._misconfigured()
+            return None
         verdict = judge_status(status, mw.failure_statuses)
+        retry_after = None
+        if verdict is Verdict.MODEL_FAILURE or self.upstream is not None:
+            verdict, retry_after = self._judged(verdict, retry_after_of(headers))
         if verdict is Verdict.SUCCESS:
             self.recorded = True
             if ex.failures is None and not mw.state.shared_health:
@@ -150,10 +233,11 @@ class Attempt:
             else:
                 await ex.succeeded(sel)
         elif verdict is Verdict.MODEL_FAILURE:
-            self.fail(retry_after_of(headers))
+            self.fail(retry_after)
             if self.can_retry and not ex.suspect():
                 self.next = await ex.alternative()
                 if self.next is not None:
+                    self.dropped = True
                     return None
             # The request ends with this failure: judge it before the client can send another.
             await ex.settle()

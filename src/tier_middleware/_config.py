@@ -23,6 +23,8 @@ from pydantic import (
 
 DEFAULT_TIER_ORDER: tuple[str, ...] = ("simple", "moderate", "complex")
 _TIER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")  # an HTTP token
 
 
 class ConfigError(ValueError):
@@ -73,6 +75,55 @@ class ModelConfig(BaseModel):
         return (self.provider, self.model)
 
 
+class ProviderConfig(BaseModel):
+    """Where the calls to one provider go when the app calls it through `UpstreamTransport`:
+    its OpenAI-compatible `base_url`, the environment variable that holds its key (read at call
+    time, so a rotated key is used at once), and the header that carries it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    base_url: str = Field(min_length=1, max_length=2048, validation_alias=_alias("base_url"))
+    api_key_env: str | None = Field(default=None, validation_alias=_alias("api_key_env"))
+    # "Name" (the key as the value, like Anthropic's x-api-key) or "Name: Scheme".
+    auth_header: str = Field(
+        default="Authorization: Bearer", validation_alias=_alias("auth_header")
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        scheme, sep, rest = value.partition("://")
+        if scheme.lower() not in ("http", "https") or not sep or not rest or rest[0] == "/":
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        if "?" in rest or "#" in rest or any(c.isspace() for c in rest):
+            raise ValueError("must be a plain URL: no query, fragment or spaces")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError(f"must be an environment variable name, got {value!r}")
+        return value
+
+    @field_validator("auth_header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        name, _, scheme = value.partition(":")
+        name, scheme = name.strip(), scheme.strip()
+        if not _HEADER_NAME.match(name) or not all(c.isalnum() or c in "-_" for c in scheme):
+            raise ValueError(f"must be 'Header-Name' or 'Header-Name: Scheme', got {value!r}")
+        return f"{name}: {scheme}" if scheme else name
+
+    @cached_property
+    def header(self) -> tuple[str, str]:
+        """(lowercase header name, value prefix): ("authorization", "Bearer ")."""
+        name, _, scheme = self.auth_header.partition(":")
+        scheme = scheme.strip()
+        return name.strip().lower(), f"{scheme} " if scheme else ""
+
+
 class TierConfig(BaseModel):
     """The whole routing table: ordered tiers, each with at least one model."""
 
@@ -84,6 +135,7 @@ class TierConfig(BaseModel):
     tier_order: tuple[str, ...] = Field(
         default=DEFAULT_TIER_ORDER, validation_alias=_alias("tier_order")
     )
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
 
     @field_validator("version", mode="before")
     @classmethod
@@ -137,6 +189,13 @@ class TierConfig(BaseModel):
                 if m.key in pairs:
                     raise ValueError(f"model {m.provider}/{m.model} appears twice in tier {name!r}")
                 pairs.add(m.key)
+        for name, provider in self.providers.items():
+            if provider.api_key_env is not None and not os.environ.get(provider.api_key_env):
+                # Never a call with no key: the config is refused where the user looks.
+                raise ValueError(
+                    f"provider {name!r}: environment variable {provider.api_key_env} "
+                    "(api_key_env) is not set"
+                )
         return self
 
     # -- lookups -------------------------------------------------------------------------
@@ -311,4 +370,11 @@ def _model_label(data: Any, tier: Any, index: int) -> str:
         return f"model #{index + 1}"
 
 
-__all__ = ["DEFAULT_TIER_ORDER", "ConfigError", "ModelConfig", "TierConfig", "normalize_tier"]
+__all__ = [
+    "DEFAULT_TIER_ORDER",
+    "ConfigError",
+    "ModelConfig",
+    "ProviderConfig",
+    "TierConfig",
+    "normalize_tier",
+]

@@ -6,10 +6,9 @@ from __future__ import annotations
 import inspect
 import itertools
 import time
-from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-from ._attempt import Attempt
+from ._attempt import Attempt, current_attempt
 from ._body import ClientGone, TooDeep
 from ._errors import TierError, bad_request, service_unavailable
 from ._extract import invalid_tier
@@ -27,16 +26,9 @@ if TYPE_CHECKING:
 CONFIG_RETRY_AFTER = 5.0  # seconds: a config fetch is retried in the background meanwhile
 _unique = itertools.count()  # fingerprints of bodies that were not held: each is distinct
 
-_current: ContextVar[Selection | None] = ContextVar("tier_selection", default=None)
-
 # A failure held until the request's outcome says whose it was: (selection, Retry-After,
 # when the attempt began on the health clock).
 Failure = tuple[Selection, float | None, float]
-
-
-def current_selection() -> Selection | None:
-    """The model chosen for the request being handled, inside the app; None elsewhere."""
-    return _current.get()
 
 
 class Exchange(Request):
@@ -169,16 +161,18 @@ class Exchange(Request):
         return "", None, await router.select(self.tier)
 
     async def _unavailable(self, exc: NoHealthyModel) -> None:
-        """The 503 short-circuit: no model of the tier can take the request now."""
+        """The 503 short-circuit: no model of the tier can take the request now (the tier a
+        session raised the request to, if it did)."""
         mw = self.mw
-        mw.metrics.request(self.tier)
-        mw.metrics.unavailable(self.tier)
+        tier = self.tier = exc.tier
+        mw.metrics.request(tier)
+        mw.metrics.unavailable(tier)
         await service_unavailable(
             "service_unavailable",
-            f"all models for tier {exc.tier!r} are temporarily unavailable",
+            f"all models for tier {tier!r} are temporarily unavailable",
             exc.retry_after,
             mw.retry_after_bounds,
-        ).send(self.send, [(b"x-tier", self.tier.encode()), (b"x-tier-attempts", b"0")])
+        ).send(self.send, [(b"x-tier", tier.encode()), (b"x-tier-attempts", b"0")])
 
     async def _call_app(self, selection: Selection) -> Selection | None:
         """Call the app with `selection`, and again with another model while a failure may be
@@ -203,7 +197,7 @@ class Exchange(Request):
                         "invalid_json", "the request body is nested too deeply"
                     ) from None
                 metrics.selection(selection)
-                token = _current.set(selection)
+                token = current_attempt.set(attempt)
                 attempt.begin()
                 try:
                     await mw.app(scope, attempt.receive, attempt.send)
@@ -225,10 +219,10 @@ class Exchange(Request):
                         if usage is not None:
                             metrics.usage(selection, *usage)
                 finally:
-                    _current.reset(token)
+                    current_attempt.reset(token)
                 retry = attempt.next
                 if retry is None:
-                    return None if attempt.failed else selection
+                    return None if attempt.failed or attempt.dropped else selection
                 metrics.retry(self.tier, selection.model, retry.model)
                 selection = retry
         finally:

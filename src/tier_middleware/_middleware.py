@@ -15,10 +15,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from ._attempt import current_selection
 from ._budget import RetryBudget
 from ._config import ConfigError, TierConfig
 from ._errors import service_unavailable
-from ._exchange import CONFIG_RETRY_AFTER, Exchange, current_selection
+from ._exchange import CONFIG_RETRY_AFTER, Exchange
 from ._health import HealthConfig, HealthTracker
 from ._metrics import Metrics
 from ._request import BODY_FRAMING, OWN_HEADERS
