@@ -1,8 +1,9 @@
-"""The fake LLM provider the examples serve, without any web framework: each example wraps these
-functions in its own framework's views, so what differs between them is only the integration.
+"""The fake LLM provider the examples call, without any web framework: `app` is a plain ASGI app
+that each example mounts at /fake-provider, and the examples' endpoints call it through the real
+OpenAI SDK (see upstream.py), as they would call OpenAI.
 
 It answers OpenAI chat completions (or `chat.completion.chunk` events when streaming) that echo
-the model the endpoint received, and can be told to fail for a model.
+the model it was asked for, and can be told to fail for a model.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class Reply:
     def streamed(self) -> bool:
         return bool(self.body.get("stream"))
 
-    def completion(self, info: dict[str, Any]) -> dict[str, Any]:
-        """The chat completion; `info` (what the endpoint learnt) goes in `x_fake_provider`."""
+    def completion(self) -> dict[str, Any]:
+        """The chat completion; what the provider received goes in `x_fake_provider`."""
         return {
             "id": self.id,
             "object": "chat.completion",
@@ -81,15 +82,8 @@ class Reply:
                 }
             ],
             "usage": self.usage,
-            "x_fake_provider": {"received": self.body, **info},
+            "x_fake_provider": {"received": self.body},
         }
-
-    def cost(self, prices: Any) -> float:
-        """What the call costs at a model's configured prices (a `ModelConfig`)."""
-        return (
-            self.usage["prompt_tokens"] * prices.input_price_per_million
-            + self.usage["completion_tokens"] * prices.output_price_per_million
-        ) / 1_000_000
 
     async def chunks(self) -> AsyncIterator[str]:
         """The reply as OpenAI `chat.completion.chunk` events, one per word, then `[DONE]`."""
@@ -109,3 +103,36 @@ class Reply:
         if options.get("include_usage"):  # asked for with "stream_options": {"include_usage": true}
             yield event(None, usage=self.usage)
         yield "data: [DONE]\n\n"
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The provider: any POST gets a chat completion for the body's `model` (server-sent events
+    with `"stream": true`), or that model's failure status while it is failing."""
+    if scope["type"] != "http":
+        return
+    raw = b""
+    while True:
+        message = await receive()
+        raw += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    body = json.loads(raw or b"{}")
+    model = body.get("model") or "unknown"
+    if model in FAILING:
+        await _send(send, FAILING[model], b"application/json", json.dumps(error(model)).encode())
+        return
+    reply = Reply(body, model)
+    if not reply.streamed:
+        await _send(send, 200, b"application/json", json.dumps(reply.completion()).encode())
+        return
+    start = {"type": "http.response.start", "status": 200}
+    await send({**start, "headers": [(b"content-type", b"text/event-stream")]})
+    async for event in reply.chunks():
+        await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _send(send: Any, status: int, content_type: bytes, body: bytes) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,4 +1,6 @@
-"""FastAPI example: a fake LLM provider behind TierRoutingMiddleware.
+"""FastAPI example: a chat endpoint behind TierRoutingMiddleware that calls its provider with the
+OpenAI SDK through UpstreamTransport (upstream.py). The provider is a fake one this server also
+serves, at /fake-provider (fake_provider.py), reached over HTTP like the real one.
 
 Run it from the repository root (tiers.toml is found next to this file)::
 
@@ -14,14 +16,13 @@ Ask for a tier instead of a model; the endpoint receives the chosen model::
     #   -d '{"model": "tier:simple", "messages": [...]}'
     # add "stream": true to the body for server-sent events (chat.completion.chunk, then [DONE])
 
-The answer is an OpenAI chat completion whose `model` is the model the middleware chose, with
-`x-tier`, `x-tier-provider`, `x-tier-model` and `x-tier-attempts` response headers. The extra
-`x_fake_provider` member shows what the endpoint received (after the rewrite) and the cost of the
-call at the model's configured prices. The endpoint learns the choice from
-`tier_middleware.current_selection()` (also in `request.state.tier_selection`).
+The answer is the provider's OpenAI chat completion for the model the middleware chose, with
+`x-tier`, `x-tier-provider`, `x-tier-model` and `x-tier-attempts` response headers. Its extra
+`x_fake_provider` member shows what the provider received from the SDK, and `x_tier` what the
+endpoint learnt from `tier_middleware.current_selection()` (also `request.state.tier_selection`).
 
-Make a model fail, to watch the retry on another model of the tier (the endpoint raises
-`HTTPException(status)` for it, which the middleware counts as a provider failure)::
+Make a model fail at the provider, to watch the retry on another model of the tier (the
+transport tells the middleware what the provider answered)::
 
     curl -s localhost:8000/admin/fail -d '{"model": "gpt-4o-mini", "status": 503}'
     curl -s localhost:8000/admin/recover -d '{}'          # every model answers again
@@ -43,15 +44,16 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tier_middleware import TierRoutingMiddleware, current_selection, metrics_app, status_app
 
 try:
-    from examples import fake_provider
+    from examples import fake_provider, upstream
 except ImportError:  # run as a script: python examples/fastapi_app.py
     import fake_provider  # type: ignore[no-redef]
+    import upstream  # type: ignore[no-redef]
 
 CONFIG = Path(__file__).with_name("tiers.toml")
 
@@ -59,27 +61,21 @@ app = FastAPI(title="tier-middleware FastAPI example")
 app.add_middleware(TierRoutingMiddleware, config=CONFIG, routes=["/v1/chat/completions"])
 app.add_route("/metrics", metrics_app())
 app.add_route("/status", status_app())
+app.mount("/fake-provider", fake_provider.app)  # stands in for api.openai.com
 
 
 @app.post("/v1/chat/completions", response_model=None)
-async def chat_completions(request: Request) -> dict[str, Any] | StreamingResponse:
+async def chat_completions(request: Request) -> Response:
     body = await request.json()
-    # The middleware's choice; None on a plain `"model": "..."` call that named no tier.
+    # The middleware's choice (None on a plain `"model": "..."` call that named no tier); the
+    # chosen model is in body["model"]. Call the provider with it, through the OpenAI SDK.
     selection = current_selection()
-    model = body.get("model") or "unknown"
-    if model in fake_provider.FAILING:
-        raise HTTPException(fake_provider.FAILING[model], f"fake provider: {model} is failing")
-    reply = fake_provider.Reply(body, model)
-    if reply.streamed:
-        return StreamingResponse(reply.chunks(), media_type="text/event-stream")
-    info = {}
-    if selection is not None:
-        info = {
-            "tier": selection.tier,
-            "provider": selection.provider,
-            "cost_usd": reply.cost(selection.config),
-        }
-    return reply.completion(info)
+    status, answer, headers = await upstream.ask(f"{request.base_url}fake-provider/v1", body)
+    if status == 200 and not isinstance(answer, dict):
+        return StreamingResponse(answer, headers=headers)
+    if selection is not None and status == 200:
+        answer["x_tier"] = {"tier": selection.tier, "provider": selection.provider}
+    return JSONResponse(answer, status, headers)
 
 
 @app.post("/admin/fail")

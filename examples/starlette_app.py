@@ -1,4 +1,6 @@
-"""Starlette example: a fake LLM provider behind TierRoutingMiddleware.
+"""Starlette example: a chat endpoint behind TierRoutingMiddleware that calls its provider with the
+OpenAI SDK through UpstreamTransport (upstream.py). The provider is a fake one this server also
+serves, at /fake-provider (fake_provider.py), reached over HTTP like the real one.
 
 Run it from the repository root (tiers.toml is found next to this file)::
 
@@ -14,12 +16,12 @@ Ask for a tier instead of a model; the endpoint receives the chosen model::
     #   -d '{"model": "tier:simple", "messages": [...]}'
     # add "stream": true to the body for server-sent events (chat.completion.chunk, then [DONE])
 
-The answer is an OpenAI chat completion whose `model` is the model the middleware chose, with
-`x-tier`, `x-tier-provider`, `x-tier-model` and `x-tier-attempts` response headers. The extra
-`x_fake_provider` member shows what the endpoint received (after the rewrite) and the cost of the
-call at the model's configured prices.
+The answer is the provider's OpenAI chat completion for the model the middleware chose, with
+`x-tier`, `x-tier-provider`, `x-tier-model` and `x-tier-attempts` response headers. Its extra
+`x_fake_provider` member shows what the provider received from the SDK.
 
-Make a model fail, to watch the retry on another model of the tier::
+Make a model fail at the provider, to watch the retry on another model of the tier (the
+transport tells the middleware what the provider answered)::
 
     curl -s localhost:8000/admin/fail -d '{"model": "gpt-4o-mini", "status": 503}'
     curl -s localhost:8000/admin/recover -d '{}'          # every model answers again
@@ -43,36 +45,27 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from tier_middleware import TierRoutingMiddleware, metrics_app, status_app
 
 try:
-    from examples import fake_provider
+    from examples import fake_provider, upstream
 except ImportError:  # run as a script: python examples/starlette_app.py
     import fake_provider  # type: ignore[no-redef]
+    import upstream  # type: ignore[no-redef]
 
 CONFIG = Path(__file__).with_name("tiers.toml")
 
 
 async def chat_completions(request: Request) -> Response:
     body = await request.json()
-    # Set by the middleware when the request named a tier; absent on a plain `"model": "..."` call.
-    selection = getattr(request.state, "tier_selection", None)
-    model = body.get("model") or "unknown"
-    if model in fake_provider.FAILING:
-        return JSONResponse(fake_provider.error(model), fake_provider.FAILING[model])
-    reply = fake_provider.Reply(body, model)
-    if reply.streamed:
-        return StreamingResponse(reply.chunks(), media_type="text/event-stream")
-    info = {}
-    if selection is not None:
-        info = {
-            "tier": selection.tier,
-            "provider": selection.provider,
-            "cost_usd": reply.cost(selection.config),
-        }
-    return JSONResponse(reply.completion(info))
+    # The middleware chose the model (it is in body["model"]; the whole choice is in
+    # request.state.tier_selection). Call the provider with it, through the OpenAI SDK.
+    status, answer, headers = await upstream.ask(f"{request.base_url}fake-provider/v1", body)
+    if status == 200 and not isinstance(answer, dict):
+        return StreamingResponse(answer, headers=headers)
+    return JSONResponse(answer, status, headers)
 
 
 async def fail(request: Request) -> Response:
@@ -90,6 +83,7 @@ app = Starlette(
         Route("/admin/recover", recover, methods=["POST"]),
         Route("/metrics", metrics_app()),
         Route("/status", status_app()),
+        Mount("/fake-provider", fake_provider.app),  # stands in for api.openai.com
     ]
 )
 app.add_middleware(TierRoutingMiddleware, config=CONFIG, routes=["/v1/chat/completions"])

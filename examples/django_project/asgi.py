@@ -26,6 +26,8 @@ from django.core.asgi import get_asgi_application
 
 from tier_middleware import TierRoutingMiddleware, metrics_app, status_app
 
+from .. import fake_provider
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "examples.django_project.settings")
 
 CONFIG = Path(__file__).resolve().parent.parent / "tiers.toml"
@@ -37,4 +39,6 @@ endpoints = {"/metrics": metrics_app(), "/status": status_app()}
 
 async def application(scope: Any, receive: Any, send: Any) -> None:
     endpoint = endpoints.get(scope["path"].rstrip("/")) if scope["type"] == "http" else None
+    if scope["type"] == "http" and scope["path"].startswith("/fake-provider/"):
+        endpoint = fake_provider.app  # stands in for api.openai.com
     await (endpoint or django_app)(scope, receive, send)

@@ -1,4 +1,5 @@
-"""A fake LLM provider as async Django views.
+"""An async Django chat view that calls its provider with the OpenAI SDK through
+UpstreamTransport (../upstream.py); asgi.py serves the fake provider at /fake-provider.
 
 Ask for a tier instead of a model; the view receives the chosen model::
 
@@ -6,8 +7,9 @@ Ask for a tier instead of a model; the view receives the chosen model::
         -d '{"tier": "simple", "messages": [{"role": "user", "content": "hi"}]}'
     # also: -H 'x-tier: simple', or "model": "tier:simple"; "stream": true for server-sent events
 
-The view reads the choice from the `x-tier-model` request header the middleware adds (and the
-rewritten `model` in the JSON body). Make a model fail, to watch the retry on another model::
+The view calls the provider with the rewritten `model` of the JSON body (also in the
+`x-tier-model` request header). Make a model fail at the provider, to watch the retry on another
+model::
 
     curl -s localhost:8000/admin/fail -d '{"model": "gpt-4o-mini", "status": 503}'
     curl -s localhost:8000/admin/recover -d '{}'          # every model answers again
@@ -23,23 +25,19 @@ import json
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_POST
 
-from .. import fake_provider
+from .. import fake_provider, upstream
 
 
 @require_POST
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     body = json.loads(request.body or b"{}")
-    # Set by the middleware when the request named a tier; absent on a plain `"model": "..."` call.
-    model = request.headers.get("x-tier-model") or body.get("model") or "unknown"
-    if model in fake_provider.FAILING:
-        return JsonResponse(fake_provider.error(model), status=fake_provider.FAILING[model])
-    reply = fake_provider.Reply(body, model)
-    if reply.streamed:
-        return StreamingHttpResponse(reply.chunks(), content_type="text/event-stream")
-    info = {}
-    if "x-tier" in request.headers:
-        info = {"tier": request.headers["x-tier"], "provider": request.headers["x-tier-provider"]}
-    return JsonResponse(reply.completion(info))
+    # The middleware chose the model: it is in body["model"] (and the x-tier-model header).
+    # Call the provider with it, through the OpenAI SDK.
+    base_url = request.build_absolute_uri("/fake-provider/v1")
+    status, answer, headers = await upstream.ask(base_url, body)
+    if status == 200 and not isinstance(answer, dict):
+        return StreamingHttpResponse(answer, headers=headers)
+    return JsonResponse(answer, status=status, headers=headers)
 
 
 @require_POST
