@@ -438,6 +438,42 @@ async def test_a_stream_that_breaks_is_a_model_failure() -> None:
     assert not health.is_available("openai", "gpt-4o-mini")
 
 
+@pytest.mark.parametrize(
+    "broken",
+    [
+        httpx2.RemoteProtocolError("illegal status line: b'SSH-2.0-OpenSSH'"),
+        httpx2.ConnectError("connection refused"),
+        httpx2.ReadTimeout("timed out"),
+    ],
+)
+async def test_an_answer_that_is_no_http_or_none_at_all_is_a_model_failure(
+    broken: Exception,
+) -> None:
+    provider = FakeProvider()
+
+    async def handler(request: httpx2.Request) -> httpx2.Response:
+        if json.loads(request.content)["model"] == "gpt-4o-mini":
+            provider.hits.append("gpt-4o-mini")
+            raise broken
+        return await provider.handler(request)
+
+    transport = UpstreamTransport(httpx2.MockTransport(handler))
+    health = HealthTracker(HealthConfig(), clock=FakeClock())
+    app = service(transport, config=tiers(), health=health, rng=random.Random(1))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://s"
+    ) as client:
+        for n in range(10):
+            body = {"tier": "simple", "messages": MESSAGES, "behave": "hide", "n": n}
+            response = await client.post(CHAT, json=body)
+            assert (response.status_code, response.headers["x-tier-model"]) == (
+                200,
+                "gemini-2.0-flash",
+            )
+    assert provider.hits.count("gpt-4o-mini") == 1
+    assert not health.is_available("openai", "gpt-4o-mini")
+
+
 async def test_calls_outside_a_routed_request_are_untouched(keys: dict[str, str]) -> None:
     provider = FakeProvider()
     providers = {"openai": {"base_url": "https://openai.test/v1", "api_key_env": "OPENAI_KEY_T"}}
