@@ -271,3 +271,26 @@ async def test_instances_failing_together_step_the_shared_backoff_once(
         failures, until, since = field.decode().split(":")
         assert int(failures) == 1  # one step, fleet-wide
         assert float(until) - float(since) == pytest.approx(1.0)
+
+
+# -- a provider 503 passed on while the tier is down ----------------------------------------------
+
+
+@pytest.mark.parametrize("own", [None, "7"])
+async def test_a_503_passed_on_while_the_tier_is_down_carries_a_retry_after(
+    own: str | None,
+) -> None:
+    async with stack("fastapi", mapped=True) as s:
+        s.provider.rules.append(fails("gpt-4o", 503))
+        if own is not None:
+            s.provider.failure_headers = {"retry-after": own}
+        responses = [await s.chat(f"question {n}", tier="moderate") for n in range(3)]
+    assert [r.status_code for r in responses] == [503, 503, 503]
+    assert all(r.json()["message"] == "upstream failed with 503" for r in responses)  # its own
+    if own is not None:  # the provider's own, as it came, and only that
+        assert all(r.headers.get_list("retry-after") == [own] for r in responses)
+        return
+    # While the tier still had its model, nothing to promise; the third failure of a distinct
+    # request backed it off: the 503 says when it comes back, as the middleware's own would.
+    assert [r.headers.get("retry-after") for r in responses] == [None, None, "30"]
+    assert responses[2].headers["retry-after-ms"] == "30000"

@@ -8,9 +8,10 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from ._attribution import Verdict, judge_exception, judge_status, retry_after_of
-from ._errors import service_unavailable
+from ._errors import retry_after_headers, service_unavailable
 from ._request import OWN_HEADERS, by_name
-from ._router import Selection
+from ._router import Selection, TierRouter
+from ._timeouts import Deadline
 from ._types import Headers, Message, Scope
 from ._usage import JsonUsageTap, UsageTap
 
@@ -36,6 +37,7 @@ class Attempt:
         "body",
         "calls",
         "can_retry",
+        "deadline",
         "dropped",
         "exchange",
         "failed",
@@ -72,6 +74,7 @@ class Attempt:
         self.upstream_retry_after: float | None = None
         self.recovered = False  # a call failed, and a later one (an SDK retry) succeeded
         self.misconfigured: str | None = None  # why the call could not be dispatched
+        self.deadline: Deadline | None = None  # the attempt_timeout, until the start
 
     def scope(self, base_headers: Headers) -> Scope:
         """The scope the app gets: rewritten body's length, the choice in headers and state."""
@@ -147,6 +150,16 @@ class Attempt:
             self.exchange.mw.retry_after_bounds,
         ).send(self.exchange.send, self.selection.headers)
 
+    async def answer_timeout(self) -> None:
+        """The last attempt timed out: our own 503 (the failure is held like any other)."""
+        mw = self.exchange.mw
+        await service_unavailable(
+            "attempt_timeout",
+            f"the model did not answer within {mw.attempt_timeout:g} s",
+            mw.retry_after_bounds[0],
+            mw.retry_after_bounds,
+        ).send(self.exchange.send, self.selection.headers)
+
     async def _neutral(self, verdict: Verdict) -> None:
         if verdict is Verdict.CALLER_ERROR and not self.recorded:
             self.exchange.mw.metrics.caller_error(self.selection)
@@ -212,6 +225,8 @@ class Attempt:
         mw = ex.mw
         status = message["status"]
         headers = message.get("headers") or ()
+        if self.deadline is not None:
+            self.deadline.settle()
         mw.metrics.duration(sel, time.perf_counter() - self.started_at)
         if self.misconfigured is not None:
             if self.can_retry:
@@ -244,6 +259,8 @@ class Attempt:
         else:
             await self._neutral(verdict)
         out, content_type, encoding = _response_headers(headers)
+        if status == 503 and mw.router is not None:
+            out += _retry_after_if_down(mw.router, ex.tier, out, mw.retry_after_bounds)
         out += sel.headers
         attempts = ex.attempts
         out.append(
@@ -278,3 +295,14 @@ def _response_headers(headers: Any) -> tuple[Headers, bytes | None, bytes | None
             encoding = value
         out.append((name, value))
     return out, content_type, encoding
+
+
+def _retry_after_if_down(
+    router: TierRouter, tier: str, headers: Headers, bounds: tuple[int, int]
+) -> Headers:
+    """For a 503 that goes out without a Retry-After while no model of the tier may take a
+    request: when the next one may, as the middleware's own 503 would say."""
+    if any(name.lower() in (b"retry-after", b"retry-after-ms") for name, _ in headers):
+        return []
+    wait = router.unavailable_for(tier) if tier in router.ranks else None
+    return [] if wait is None else retry_after_headers(wait, bounds)

@@ -183,6 +183,7 @@ class Exchange(Request):
         # A body that was not held (a large upload, say) cannot be sent twice.
         max_attempts = self.policy.max_attempts if self.buffered is not None else 1
         budget = mw.budget
+        timeouts = mw.timeouts
         budget.active += 1
         try:
             while True:
@@ -199,17 +200,27 @@ class Exchange(Request):
                 metrics.selection(selection)
                 token = current_attempt.set(attempt)
                 attempt.begin()
+                if timeouts is not None:
+                    attempt.deadline = timeouts.start()  # settled at the response start
                 try:
                     await mw.app(scope, attempt.receive, attempt.send)
-                except Exception as exc:
+                except BaseException as exc:
+                    error: Exception
+                    if attempt.deadline is not None and attempt.deadline.absorb():
+                        # Our own deadline cancelled the app before it started a response.
+                        error = TimeoutError(f"no response within {mw.attempt_timeout:g} s")
+                    elif isinstance(exc, Exception):
+                        error = exc
+                    else:  # cancellation: nothing learned about the model
+                        await attempt.release()
+                        await self._abandon()
+                        raise
                     # Unless the response was dropped for a retry already, judge the exception:
                     # it propagates unchanged unless another model takes the request.
-                    if attempt.next is None and not await attempt.raised(exc):
-                        raise
-                except BaseException:  # cancellation: nothing learned about the model
-                    await attempt.release()
-                    await self._abandon()
-                    raise
+                    if attempt.next is None and not await attempt.raised(error):
+                        if error is exc:
+                            raise
+                        await attempt.answer_timeout()
                 else:
                     if not attempt.recorded:
                         await attempt.release()  # the app answered nothing, or the client left
@@ -220,6 +231,8 @@ class Exchange(Request):
                             metrics.usage(selection, *usage)
                 finally:
                     current_attempt.reset(token)
+                    if attempt.deadline is not None:
+                        attempt.deadline.settle()
                 retry = attempt.next
                 if retry is None:
                     return None if attempt.failed or attempt.dropped else selection

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -30,6 +31,7 @@ from ._sources import ConfigManager, ControlPlaneSource
 from ._state import State
 from ._status import register_status_source
 from ._stores import store_from_url
+from ._timeouts import AttemptTimeouts
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("tier_middleware")
@@ -79,6 +81,7 @@ class TierRoutingMiddleware:
         failure_statuses: Collection[int] = DEFAULT_FAILURE_STATUSES,
         retry_after_bounds: tuple[int, int] = (1, 60),
         config_timeout: float = 5.0,
+        attempt_timeout: float | None = 60.0,
         registry: CollectorRegistry | None = None,
         metrics_namespace: str = "llm",
         name: str = "default",
@@ -103,6 +106,19 @@ class TierRoutingMiddleware:
         if session_ttl <= 0:
             raise ValueError("session_ttl must be > 0")
         self.config_timeout = config_timeout
+        if attempt_timeout is not None and (
+            isinstance(attempt_timeout, bool)
+            or not isinstance(attempt_timeout, int | float)
+            or not math.isfinite(attempt_timeout)
+            or attempt_timeout <= 0
+        ):
+            raise ValueError(
+                f"attempt_timeout must be a positive number of seconds or None, "
+                f"got {attempt_timeout!r}"
+            )
+        # How long an attempt may take to start its response (a stream, to its first byte).
+        self.attempt_timeout = attempt_timeout
+        self.timeouts = AttemptTimeouts(attempt_timeout) if attempt_timeout is not None else None
         self.identity = identity or default_identity
         self.authorize = authorize
         self.budget = RetryBudget(retry_budget, retry_budget_min)
@@ -191,6 +207,8 @@ class TierRoutingMiddleware:
         if self.config_error is None:  # else no config manager was made
             await self.configs.aclose()
         await self.state.aclose()
+        if self.timeouts is not None:
+            await self.timeouts.aclose()
 
     # -- ASGI ----------------------------------------------------------------------------------------
 

@@ -238,6 +238,18 @@ class TierRouter:
             valid_until = min(valid_until, change_at)
         return _Pool(healthy, version, valid_until)
 
+    def unavailable_for(self, tier: str) -> float | None:
+        """Seconds until a model of `tier` may take a request again, when none may now; None
+        while one may."""
+        now = self.health.clock()
+        waits = []
+        for m in self._config.models(tier):
+            available, change_at = self.health.availability(m.provider, m.model)
+            if available:
+                return None
+            waits.append(max(0.0, change_at - now))
+        return min(waits, default=None)
+
     def _retry_after(self, tier: str, exclude: Collection[Key]) -> float:
         """Seconds until a model of the tier (not excluded) may take a request again: the end
         of a backoff, or of a half-open probe's timeout."""
