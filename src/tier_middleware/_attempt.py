@@ -131,6 +131,7 @@ class Attempt:
             return verdict, retry_after
         if upstream is Verdict.SUCCESS:
             if self.recovered:  # the app's SDK got past a failure on this model: it was its
+                self.recovered = False
                 self.exchange.hold_failure((self.selection, self.upstream_retry_after, self.began))
             # The provider answered: a 429/5xx or a crash of the app's own is the app's error.
             return (Verdict.APP_ERROR if verdict is Verdict.MODEL_FAILURE else verdict), None
@@ -138,21 +139,28 @@ class Attempt:
             return upstream, self.upstream_retry_after or retry_after
         return upstream, None  # the provider's 4xx: the caller's, whatever the app answered
 
-    async def _misconfigured(self) -> None:
-        """The call could not go to the chosen provider: our own 503, instead of the app's
-        answer (no health change: the model was never asked)."""
+    async def _not_dispatched(self) -> None:
+        """The call could not go to the chosen provider (`misconfigured`): another model, else
+        our own 503 instead of the app's answer. No health change: the model was never asked."""
         self.dropped = True
         await self.release()
+        if self.can_retry:
+            self.next = await self.exchange.alternative()
+            if self.next is not None:
+                return
+        mw = self.exchange.mw
         await service_unavailable(
             "provider_misconfigured",
             f"provider {self.selection.provider!r} is not configured correctly on this server",
-            self.exchange.mw.retry_after_bounds[1],
-            self.exchange.mw.retry_after_bounds,
+            mw.retry_after_bounds[1],
+            mw.retry_after_bounds,
         ).send(self.exchange.send, self.selection.headers)
 
     async def answer_timeout(self) -> None:
         """The last attempt timed out: our own 503 (the failure is held like any other)."""
         mw = self.exchange.mw
+        if self.exchange.disconnected:
+            return  # nobody is left to answer
         await service_unavailable(
             "attempt_timeout",
             f"the model did not answer within {mw.attempt_timeout:g} s",
@@ -175,12 +183,7 @@ class Attempt:
         if self.failed:
             return False  # a failure response went out already; raising adds nothing
         if self.misconfigured is not None and not self.started:
-            if self.can_retry:
-                await self.release()
-                self.next = await ex.alternative()
-                if self.next is not None:
-                    return True
-            await self._misconfigured()
+            await self._not_dispatched()
             return True
         verdict, retry_after = self._judged(*judge_exception(exc, ex.mw.failure_statuses))
         if verdict is not Verdict.MODEL_FAILURE:
@@ -229,13 +232,7 @@ class Attempt:
             self.deadline.settle()
         mw.metrics.duration(sel, time.perf_counter() - self.started_at)
         if self.misconfigured is not None:
-            if self.can_retry:
-                await self.release()
-                self.next = await ex.alternative()
-                if self.next is not None:
-                    self.dropped = True
-                    return None
-            await self._misconfigured()
+            await self._not_dispatched()
             return None
         verdict = judge_status(status, mw.failure_statuses)
         retry_after = None
