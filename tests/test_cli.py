@@ -404,3 +404,34 @@ def test_console_script() -> None:
     assert_matches(result.stdout, TierConfig.load(EXAMPLE))
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == f"tier-middleware {version('tier-middleware')}"
+
+
+def test_check_shows_where_each_provider_is_dispatched_and_never_a_key(tmp_path: Path) -> None:
+    data = TierConfig.load(EXAMPLE).to_dict()
+    data["providers"] = {
+        "google": {
+            "base_url": "https://generativelanguage.googleapis.com/v1beta/openai",
+            "api_key_env": "GEMINI_KEY_CHECK",
+            "auth_header": "x-goog-api-key",
+        },
+        "openai": {"baseUrl": "http://127.0.0.1:11434/v1"},  # no key (a local server)
+    }
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps(data))
+    result = run("check", str(path), env={"GEMINI_KEY_CHECK": SECRET})
+    assert result.returncode == 0, result.stderr
+    providers = result.stdout.split("\nproviders\n", 1)[1].splitlines()
+    assert providers[1].split() == [
+        "google",
+        "https://generativelanguage.googleapis.com/v1beta/openai",
+        "GEMINI_KEY_CHECK",
+        "x-goog-api-key",
+    ]
+    assert providers[2].split() == [
+        "openai",
+        "http://127.0.0.1:11434/v1",
+        "(none)",
+        "Authorization:",
+        "Bearer",
+    ]
+    assert SECRET not in result.stdout + result.stderr

@@ -150,6 +150,16 @@ def render_config(config: TierConfig, source: str) -> list[str]:
     widths = column_widths(header, *tables)
     for tier, rows in zip(config.tier_order, tables, strict=True):
         lines += ["", tier, *format_table(header, rows, left=2, widths=widths)]
+    if config.providers:  # where UpstreamTransport sends each provider's calls (no key shown)
+        rows = [
+            [name, p.base_url, p.api_key_env or "(none)", p.auth_header]
+            for name, p in sorted(config.providers.items())
+        ]
+        lines += [
+            "",
+            "providers",
+            *format_table(["provider", "base_url", "key from", "header"], rows, left=4),
+        ]
     return lines
 
 
