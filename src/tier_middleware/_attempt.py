@@ -148,25 +148,21 @@ class Attempt:
             self.next = await self.exchange.alternative()
             if self.next is not None:
                 return
-        mw = self.exchange.mw
-        await service_unavailable(
-            "provider_misconfigured",
-            f"provider {self.selection.provider!r} is not configured correctly on this server",
-            mw.retry_after_bounds[1],
-            mw.retry_after_bounds,
-        ).send(self.exchange.send, self.selection.headers)
+        message = f"provider {self.selection.provider!r} is not configured correctly here"
+        await self._unavailable("provider_misconfigured", message, long=True)
 
     async def answer_timeout(self) -> None:
         """The last attempt timed out: our own 503 (the failure is held like any other)."""
-        mw = self.exchange.mw
-        if self.exchange.disconnected:
-            return  # nobody is left to answer
-        await service_unavailable(
-            "attempt_timeout",
-            f"the model did not answer within {mw.attempt_timeout:g} s",
-            mw.retry_after_bounds[0],
-            mw.retry_after_bounds,
-        ).send(self.exchange.send, self.selection.headers)
+        if not self.exchange.disconnected:  # else nobody is left to answer
+            message = f"the model did not answer within {self.exchange.mw.attempt_timeout:g} s"
+            await self._unavailable("attempt_timeout", message, long=False)
+
+    async def _unavailable(self, code: str, message: str, *, long: bool) -> None:
+        """Our own 503 for this attempt, with its selection's headers; Retry-After the
+        longest (a misconfiguration) or shortest (a timeout) of `retry_after_bounds`."""
+        bounds = self.exchange.mw.retry_after_bounds
+        error = service_unavailable(code, message, bounds[1] if long else bounds[0], bounds)
+        await error.send(self.exchange.send, self.selection.headers)
 
     async def _neutral(self, verdict: Verdict) -> None:
         if verdict is Verdict.CALLER_ERROR and not self.recorded:
