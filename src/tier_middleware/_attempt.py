@@ -148,7 +148,7 @@ class Attempt:
             self.next = await self.exchange.alternative()
             if self.next is not None:
                 return
-        message = f"provider {self.selection.provider!r} is not configured correctly here"
+        message = f"provider {self.selection.provider!r} is not configured correctly on this server"
         await self._unavailable("provider_misconfigured", message, long=True)
 
     async def answer_timeout(self) -> None:
