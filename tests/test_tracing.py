@@ -473,3 +473,27 @@ asyncio.run(main())
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["TierRoutingMiddleware", "Exchange", "200", "True"]
+
+
+async def test_a_session_moved_up_a_tier_says_where_it_came_from() -> None:
+    async with traced() as t:
+        headers = {"x-session-id": "conversation-1"}
+        first = await t.client.post(
+            CHAT,
+            json={"tier": "simple", "messages": [{"role": "user", "content": "hi"}]},
+            headers=headers,
+        )
+        assert first.status_code == 200
+        assert "tier.session.upgraded_from" not in attrs(t.tree()[1])
+        t.exporter.clear()
+        second = await t.client.post(
+            CHAT,
+            json={"tier": "moderate", "messages": [{"role": "user", "content": "hi"}]},
+            headers=headers,
+        )
+        assert second.status_code == 200
+        _, routing, [attempt] = t.tree()
+    assert routing.name == "tier_routing moderate"
+    assert attrs(routing)["tier.session.upgraded_from"] == "simple"
+    assert attrs(attempt)["gen_ai.request.model"] == "gpt-4o"
+    no_request_text(t.exporter.get_finished_spans(), "conversation-1")
