@@ -277,7 +277,7 @@ async def test_the_503_short_circuit_is_a_routing_span_with_its_retry_after() ->
         "tier.name": "simple",
         "tier.attempts": 0,
         "http.response.status_code": 503,
-        "tier.retry_after": response.headers["retry-after"],
+        "tier.retry_after": 30,
         "tier.unavailable": True,
         "error.type": "tier_unavailable",
     }
@@ -497,3 +497,16 @@ async def test_a_session_moved_up_a_tier_says_where_it_came_from() -> None:
     assert attrs(routing)["tier.session.upgraded_from"] == "simple"
     assert attrs(attempt)["gen_ai.request.model"] == "gpt-4o"
     no_request_text(t.exporter.get_finished_spans(), "conversation-1")
+
+
+async def test_an_attempt_that_timed_out_is_a_model_failure_with_error_type_timeout() -> None:
+    provider = FakeProvider()
+    provider.hold = 2  # the first call waits for a second one: it hangs until the retry comes
+    async with traced(provider, attempt_timeout=0.2) as t:
+        response = await t.chat()
+        assert response.status_code == 200
+        _, _, [hung, served] = t.tree()
+    assert attrs(hung)["tier.verdict"] == "model_failure"
+    assert attrs(hung)["error.type"] == "TimeoutError"
+    assert attrs(served)["tier.retry_reason"] == "TimeoutError"
+    assert attrs(served)["tier.verdict"] == "success"

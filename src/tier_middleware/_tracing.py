@@ -133,7 +133,7 @@ class TracedExchange(Exchange):
         self.spans: list[TracedAttempt] = []
         self.token: Any = None  # the attached context of the attempt running now
         self.status: int | None = None
-        self.retry_after: str | None = None
+        self.retry_after: int | None = None
         self.unavailable = False
         self.poisoned = False
         self.suspect_now = False
@@ -156,8 +156,8 @@ class TracedExchange(Exchange):
             status = self.status = message["status"]
             if status == 503:
                 for name, value in message.get("headers") or ():
-                    if name.lower() == b"retry-after":
-                        self.retry_after = value.decode("latin-1")
+                    if name.lower() == b"retry-after" and value.isdigit():
+                        self.retry_after = int(value)
         await self.client_send(message)
 
     # -- hooks --------------------------------------------------------------------------------
