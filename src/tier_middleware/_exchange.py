@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from ._attempt import Attempt, current_attempt
 from ._body import ClientGone, TooDeep
@@ -35,6 +35,8 @@ class Exchange(Request):
     """One routed request: what was read from the client, and each attempt at the app."""
 
     __slots__ = ("attempts", "failures", "retries", "suspected", "tier", "tried")
+
+    attempt_type: ClassVar[type[Attempt]] = Attempt  # a TracedExchange's attempts are traced
 
     def __init__(
         self,
@@ -189,7 +191,7 @@ class Exchange(Request):
             while True:
                 self.attempts += 1
                 self.tried.append(selection.key)
-                attempt = Attempt(self, selection, self.attempts < max_attempts)
+                attempt = self.attempt_type(self, selection, self.attempts < max_attempts)
                 try:
                     scope = attempt.scope(base_headers)
                 except TooDeep:

@@ -272,6 +272,9 @@ class Metrics:
         self.retries_over_budget = counters(
             "retries_over_budget", "Retries skipped because the retry budget was spent", "tier"
         )
+        self.tracing_errors = counters(
+            "tracing_errors", "Errors raised by the tracer, swallowed: the request went on"
+        )
         collectors: tuple[Any, ...] = (
             self.tier_requests,
             self.model_selections,
@@ -289,6 +292,7 @@ class Metrics:
             self.tokens,
             self.cost_usd,
             self.retries_over_budget,
+            self.tracing_errors,
         )
         registered = []
         try:
@@ -395,6 +399,9 @@ class Metrics:
 
     def over_budget(self, tier: str) -> None:
         self._add(self.retries_over_budget.values, (tier,), 1.0)
+
+    def tracing_error(self) -> None:
+        self._add(self.tracing_errors.values, (), 1.0)
 
     def watch(self, router: TierRouter) -> None:
         """Report `router`'s models in `<ns>_provider_health` for as long as the router lives."""

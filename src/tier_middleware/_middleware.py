@@ -32,6 +32,7 @@ from ._state import State
 from ._status import register_status_source
 from ._stores import store_from_url
 from ._timeouts import AttemptTimeouts
+from ._tracing import TracedExchange, tracer_for
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("tier_middleware")
@@ -86,6 +87,7 @@ class TierRoutingMiddleware:
         metrics_namespace: str = "llm",
         name: str = "default",
         rng: random.Random | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.app = app
         self.name = name
@@ -127,6 +129,11 @@ class TierRoutingMiddleware:
         self.request_drop_rewritten = self.request_drop | BODY_FRAMING
         self.routes = RouteTable(routes)
         self.metrics = Metrics.for_registry(registry, metrics_namespace)
+        # OpenTelemetry (`_tracing.py`): without a provider to record to, a plain Exchange.
+        self.tracer_provider = tracer_provider
+        self.tracer: Any = None
+        self.exchange_type: type[Exchange] = Exchange
+        self._find_tracer()
 
         tracker = health if isinstance(health, HealthTracker) else HealthTracker(health, rng=rng)
         self.health = tracker
@@ -190,6 +197,20 @@ class TierRoutingMiddleware:
         if not startup:
             logger.info("tier config adopted", extra={"version": config.version})
 
+    def _find_tracer(self) -> None:
+        """Trace with `tracer_provider`, else with the global one if one is set now (looked up at
+        construction, and again once lifespan startup completes: a provider set in a lifespan
+        handler counts). A provider that raises leaves tracing off."""
+        try:
+            tracer = tracer_for(self.tracer_provider)
+        except ValueError:
+            raise  # tracer_provider= without opentelemetry-api installed
+        except Exception:
+            self.metrics.tracing_error()
+            tracer = None
+        self.tracer = tracer
+        self.exchange_type = Exchange if tracer is None else TracedExchange
+
     @property
     def config(self) -> TierConfig | None:
         """The config in force now (None until a control plane first answered)."""
@@ -228,7 +249,7 @@ class TierRoutingMiddleware:
             await self.app(scope, receive, send)
             return
         self.configs.tick()
-        await Exchange(self, scope, receive, send, policy).run()
+        await self.exchange_type(self, scope, receive, send, policy).run()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.config_error is not None:
@@ -241,6 +262,8 @@ class TierRoutingMiddleware:
         async def send_then_close(message: Message) -> None:
             if message["type"] in _LIFESPAN_END:
                 await self.aclose()
+            elif message["type"] == "lifespan.startup.complete" and self.tracer_provider is None:
+                self._find_tracer()
             await send(message)
 
         # An app without lifespan support (Django) raises here; the server handles that.

@@ -178,7 +178,7 @@ class UsageTap:
 class JsonUsageTap(UsageTap):
     """A JSON body: chunks are kept (up to `limit` bytes) and parsed once, by `result`."""
 
-    __slots__ = ("_chunks", "_limit", "_result", "_size")
+    __slots__ = ("_chunks", "_limit", "_result", "_size", "model")
 
     kind = "json"
 
@@ -187,6 +187,7 @@ class JsonUsageTap(UsageTap):
         self._size = 0
         self._limit = limit
         self._result: tuple[int, int] | None = None
+        self.model: str | None = None  # the reply's "model", read with its usage (for traces)
 
     def feed(self, chunk: bytes) -> None:
         chunks = self._chunks
@@ -211,7 +212,11 @@ class JsonUsageTap(UsageTap):
             # Most replies without usage are skipped without parsing ("usage", "usageMetadata").
             if b'"usage' in body:
                 try:
-                    counts = _usage_of(_decode(body))
+                    reply = _decode(body)
+                    counts = _usage_of(reply)
+                    model = reply.get("model") if type(reply) is dict else None
+                    if type(model) is str:
+                        self.model = model
                 except Exception:
                     counts = None
                 if counts is not None:
