@@ -4,7 +4,8 @@
 `tick()`, which costs one clock call and a comparison until a refresh is due; then it starts one
 background refresh task. A refresh that fails keeps the last-known-good config (stale-if-error).
 With a `Store`, a fleet shares one copy of the config and a lock, so the control plane is asked
-about once per refresh period in total rather than once per instance.
+about once per refresh period in total rather than once per instance. Whatever the store raises,
+of any type, is a store failure: the refresh goes on without it.
 
 Refresh tasks are asyncio tasks: the manager needs an asyncio event loop.
 """
@@ -26,7 +27,7 @@ import httpx
 import msgspec
 
 from ._config import ConfigError, TierConfig
-from ._stores.base import Store, StoreError
+from ._stores.base import Store
 
 logger = logging.getLogger("tier_middleware")
 
@@ -388,7 +389,7 @@ class ConfigManager:
         if store is not None:
             try:
                 copy = self._parse_copy(await store.get_config())
-            except StoreError as exc:
+            except Exception as exc:
                 self._store_failed("get_config", exc)
                 store = None  # it is down: do not pay its timeout twice more
             else:
@@ -402,7 +403,7 @@ class ConfigManager:
             if store is not None:
                 try:
                     token = await store.try_lock(LOCK_NAME, ttl=remote.timeout + 1.0)
-                except StoreError as exc:
+                except Exception as exc:
                     self._store_failed("try_lock", exc)
                     can_put = False
                 else:
@@ -430,13 +431,13 @@ class ConfigManager:
             if can_put and self._store is not None:
                 try:
                     await self._store.put_config(raw, fetched_at)
-                except StoreError as exc:
+                except Exception as exc:
                     self._store_failed("put_config", exc)
         finally:
             if token is not None and self._store is not None:
                 try:
                     await self._store.unlock(LOCK_NAME, token)
-                except StoreError as exc:
+                except Exception as exc:
                     self._store_failed("unlock", exc)
         changed = self._adopt(config, "control_plane", fetched_at)
         self._recovered()
@@ -446,7 +447,7 @@ class ConfigManager:
         """Adopt the shared copy if it is fresh; returns the refresh result, or None."""
         try:
             copy = self._parse_copy(await store.get_config())
-        except StoreError as exc:
+        except Exception as exc:
             self._store_failed("get_config", exc)
             return None
         if copy is None:
@@ -544,7 +545,7 @@ class ConfigManager:
         self.consecutive_failures = 0
         self.last_error = None
 
-    def _store_failed(self, operation: str, exc: StoreError) -> None:
+    def _store_failed(self, operation: str, exc: Exception) -> None:
         fields = {"store_operation": operation, "error": str(exc)[:300]}
         if not self._store_failing:
             self._store_failing = True

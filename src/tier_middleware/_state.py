@@ -2,7 +2,8 @@
 
 A shared backend (Redis) must never fail or stall a request: every call is bounded by the
 backend's own timeout, an error switches to in-process state for a short cooldown (logged once,
-counted), and the backend is tried again by itself after that.
+counted), and the backend is tried again by itself after that. Whatever a backend raises, of any
+type, is such an error (cancellation is not an Exception, and propagates).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 from ._health import HealthTracker
 from ._router import Selection
-from ._stores import MemoryStore, SessionRecord, Store, StoreError
+from ._stores import MemoryStore, SessionRecord, Store
 
 logger = logging.getLogger("tier_middleware")
 
@@ -58,7 +59,7 @@ class State:
             return None
         return store
 
-    def _failed(self, operation: str, exc: StoreError) -> None:
+    def _failed(self, operation: str, exc: Exception) -> None:
         assert self.store is not None
         self._down_until = time.monotonic() + self.cooldown
         if self.on_backend_error is not None:
@@ -90,7 +91,7 @@ class State:
                     await self._merge(store, snapshot)
                 else:
                     record = await store.get_session(key, self.session_ttl)
-            except StoreError as exc:
+            except Exception as exc:
                 self._failed("get_session", exc)
             else:
                 self._ok()
@@ -113,7 +114,7 @@ class State:
         if store is not None:
             try:
                 await store.put_session(key, record, self.session_ttl)
-            except StoreError as exc:
+            except Exception as exc:
                 self._failed("put_session", exc)
             else:
                 self._ok()
@@ -127,7 +128,7 @@ class State:
             return await self.local.session_count()
         try:
             return await self.store.session_count()
-        except StoreError:
+        except Exception:
             return None
 
     # -- fleet-wide health -----------------------------------------------------------------------
@@ -167,7 +168,7 @@ class State:
                 merged[(provider, model)] = await store.record_failure(
                     provider, model, cfg, remaining, self.wall_clock(), started=0.0
                 )
-            except StoreError as exc:
+            except Exception as exc:
                 self._pending_failures |= pending
                 self._failed("record_failure", exc)
                 break
@@ -182,7 +183,7 @@ class State:
             return
         try:
             snapshot = await store.health_snapshot()
-        except StoreError as exc:
+        except Exception as exc:
             self._failed("health_snapshot", exc)
         else:
             self._ok()
@@ -216,7 +217,7 @@ class State:
                 started=None if started is None else started - offset,
             )
             await store.release_probe(sel.provider, sel.model)
-        except StoreError as exc:
+        except Exception as exc:
             self._pending_failures.add(sel.key)
             self._failed("record_failure", exc)
             return
@@ -246,7 +247,7 @@ class State:
         try:
             await store.record_success(sel.provider, sel.model)
             await store.release_probe(sel.provider, sel.model)
-        except StoreError as exc:
+        except Exception as exc:
             self._failed("record_success", exc)
 
     async def release(self, sel: Selection) -> None:
@@ -257,7 +258,7 @@ class State:
             return
         try:
             await store.release_probe(sel.provider, sel.model)
-        except StoreError as exc:
+        except Exception as exc:
             self._failed("release_probe", exc)
 
     async def probe_lease(self, provider: str, model: str) -> bool:
@@ -267,7 +268,7 @@ class State:
             return True  # without the fleet, each instance decides alone
         try:
             return await store.try_probe(provider, model, self.health.config.probe_timeout)
-        except StoreError as exc:
+        except Exception as exc:
             self._failed("try_probe", exc)
             return True
 
