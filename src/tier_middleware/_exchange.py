@@ -156,7 +156,7 @@ class Exchange(Request):
                     param="session_id",
                 )
             key = session_key(mw.identity(self.scope), session_id)
-            record = await state.load_session(key)
+            record = await state.load_session(key, router.ranks)
             decision = await decide(router, record, self.tier, time.time())
             selection = decision.selection
             if selection.tier != self.tier:  # a session never goes down a tier
