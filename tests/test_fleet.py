@@ -406,6 +406,50 @@ async def test_with_a_short_ttl_the_fleet_refreshes_once_per_period_not_per_inst
             assert seen["config_version"] == "2"
 
 
+@pytest.mark.anyio
+async def test_while_the_control_plane_fails_four_instances_fetch_about_as_often_as_one(
+    fleet: Fleet, redis_server: RedisServer
+) -> None:
+    """The figure, with real processes: four instances on one Redis against one instance on a
+    Redis database of its own, both control planes answering 500 under steady requests. A
+    1 s TTL makes the retry interval 1 s (min(ttl, 30)), so a few seconds hold several."""
+    window = 6.0
+    lone_redis = redis_server.url.rsplit("/", 1)[0] + "/1"
+    async with (
+        ControlPlane() as plane,
+        ControlPlane() as lone_plane,
+        httpx.AsyncClient(timeout=10.0, trust_env=False) as client,
+    ):
+        four = await fleet.astart(
+            client, "w1", "w2", "w3", "w4",
+            REDIS_URL=redis_server.url, CONTROL_PLANE_URL=plane.url, CONFIG_TTL="1",
+        )  # fmt: skip
+        lone = await fleet.astart(
+            client, "lone", REDIS_URL=lone_redis, CONTROL_PLANE_URL=lone_plane.url, CONFIG_TTL="1"
+        )
+        everyone = [*four, *lone]
+
+        async def round_of_requests() -> None:
+            responses = await asyncio.gather(
+                *(client.post(f"{i.url}{CHAT}", json=body("simple")) for i in everyone)
+            )
+            assert [r.status_code for r in responses] == [200] * len(everyone)
+
+        await round_of_requests()  # every instance has the config (the fleet: one fetch)
+        plane.behaviour = lone_plane.behaviour = "error500"
+        before = (plane.hits, lone_plane.hits)
+        started = time.monotonic()
+        with anyio.fail_after(window + 20):
+            while time.monotonic() - started < window:
+                await round_of_requests()  # the last-known-good config serves them
+                await anyio.sleep(0.02)  # pace: a steady trickle, not a flood
+        fleet_fetches = plane.hits - before[0]
+        lone_fetches = lone_plane.hits - before[1]
+    print(f"fetches in {window:g} s of 500s: 4 instances {fleet_fetches}, 1 {lone_fetches}")
+    assert lone_fetches >= window / 2  # it kept retrying, about once a second
+    assert fleet_fetches <= 1.5 * lone_fetches, (fleet_fetches, lone_fetches)
+
+
 # -- (d) sessions through a Redis stall -----------------------------------------------------------
 
 STALL = 3.0  # seconds of SIGSTOP: what a Redis fork, a failover or a stalled VM does

@@ -100,6 +100,11 @@ class Store(abc.ABC):
     async def unlock(self, name: str, token: str) -> None:
         """Release a lock taken with `token` (a no-op if it expired or was taken over)."""
 
+    @abc.abstractmethod
+    async def hold_lock(self, name: str, token: str, ttl: float) -> bool:
+        """Keep a lock taken with `token` for `ttl` seconds from now instead of releasing it;
+        False (and nothing changed) if it expired or was taken over meanwhile."""
+
     # -- shared health --------------------------------------------------------------------------
 
     @abc.abstractmethod

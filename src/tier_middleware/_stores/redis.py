@@ -16,7 +16,8 @@ down (`asyncio.run`, anyio, uvicorn: every runner finalizes async generators), q
 Keys, under `prefix`:
   s:{key}                       a session: SessionRecord.dumps(), sliding TTL (PX)
   config                        hash {raw, fetched_at}; never expires
-  lock:{name}                   a lock token (SET NX PX; released by compare-and-delete)
+  lock:{name}                   a lock token (SET NX PX; released by compare-and-delete, held
+                                longer by compare-and-PEXPIRE)
   health                        hash {provider "\\n" model: "failures:until"}
   probe:{provider}\\n{model}      a half-open probe lease (SET NX PX)
 """
@@ -109,6 +110,13 @@ end
 return 0
 """
 
+_HOLD_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 
 def _wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Turn every failure into StoreError (the original as __cause__): Redis and socket errors,
@@ -138,6 +146,7 @@ class _Client:
     redis: Redis
     record_failure: AsyncScript
     unlock: AsyncScript
+    hold_lock: AsyncScript
     closer: AsyncGenerator[None, None]
 
 
@@ -259,6 +268,7 @@ class RedisStore(Store):
             redis,
             redis.register_script(_RECORD_FAILURE),
             redis.register_script(_UNLOCK),
+            redis.register_script(_HOLD_LOCK),
             closer,
         )
         with self._lock:
@@ -321,6 +331,11 @@ class RedisStore(Store):
     async def unlock(self, name: str, token: str) -> None:
         unlock = (await self._client()).unlock
         await unlock(keys=[f"{self.prefix}lock:{name}"], args=[token])
+
+    @_wrap
+    async def hold_lock(self, name: str, token: str, ttl: float) -> bool:
+        hold = (await self._client()).hold_lock
+        return bool(await hold(keys=[f"{self.prefix}lock:{name}"], args=[token, _ms(ttl)]))
 
     # -- health ---------------------------------------------------------------------------------
 
