@@ -1,11 +1,13 @@
-"""Real servers in subprocesses, on loopback ports: start, wait until they listen, stop; and a
-real Prometheus that scrapes one of them.
+"""Real servers on loopback ports: in subprocesses (start, wait until they listen, stop), uvicorn
+in the test's own event loop (`serve`), and a real Prometheus that scrapes one of them.
 
-Shared by the example tests, the startup tests and the Redis fixtures.
+Shared by the example tests, the startup tests, the streaming and body tests and the Redis
+fixtures.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,14 +15,16 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+import anyio
 import httpx
 import pytest
+import uvicorn
 
 STARTUP_DEADLINE = 15.0  # seconds; a cold start (first import of Django, FastAPI) is ~1 s
 SCRAPE_DEADLINE = 30.0  # seconds to a first scrape; ~6 s here (targets reach scrapers every 5 s)
@@ -142,3 +146,25 @@ def until(check: Callable[[], T], failure: str, deadline: float = SCRAPE_DEADLIN
             pytest.fail(f"{failure} (waited {deadline} s)")
         time.sleep(0.05)  # poll interval, not a timing assumption
     return result
+
+
+@asynccontextmanager
+async def serve(app: Any, **config: Any) -> AsyncIterator[str]:
+    """Run `app` under uvicorn in this event loop, on a free loopback port (`config`: more
+    `uvicorn.Config` options, such as `http="h11"`)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, **config)
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        with anyio.fail_after(5):
+            while not server.started:  # noqa: ASYNC110  (uvicorn offers a flag, no event)
+                await asyncio.sleep(0.005)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from servers import serve
 from tier_middleware import TierRoutingMiddleware
 
 pytestmark = pytest.mark.anyio
@@ -33,27 +31,6 @@ CONFIG = {
         "complex": [{"provider": "anthropic", "model": "opus", "relative_cost": 10}],
     }
 }
-
-
-@asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Run `app` under uvicorn in this event loop, on a free loopback port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        with anyio.fail_after(5):
-            while not server.started:  # noqa: ASYNC110  (uvicorn offers a flag, no event)
-                await asyncio.sleep(0.005)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 def sse_app(release: asyncio.Event) -> Callable[..., Any]:

@@ -51,6 +51,17 @@ def bad_request(code: str, message: str, param: str | None = None) -> TierError:
     return TierError(400, code, message, param=param)
 
 
+def request_timeout(seconds: float) -> TierError:
+    """A body that did not arrive in time: the connection is closed after the answer (the rest
+    of the body may still be on its way)."""
+    return TierError(
+        408,
+        "request_timeout",
+        f"the request body did not arrive within {seconds:g} s",
+        headers=[(b"connection", b"close")],
+    )
+
+
 def retry_after_headers(seconds: float, bounds: tuple[int, int]) -> Headers:
     """`Retry-After` in whole seconds and `retry-after-ms`, both clamped to `bounds`.
 

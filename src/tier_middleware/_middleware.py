@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -75,6 +76,7 @@ class TierRoutingMiddleware:
         tier_header: str = "x-tier",
         model_field: str = "model",
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_timeout: float | None = None,
         failure_statuses: Collection[int] = DEFAULT_FAILURE_STATUSES,
         retry_after_bounds: tuple[int, int] = (1, 60),
         config_timeout: float = 5.0,
@@ -94,6 +96,7 @@ class TierRoutingMiddleware:
         if max_body_bytes < 1:
             raise ValueError("max_body_bytes must be >= 1")
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = _seconds_or_none("body_timeout", body_timeout)
         self.failure_statuses = frozenset(failure_statuses)
         low, high = retry_after_bounds
         if not 0 <= low <= high:
@@ -239,6 +242,17 @@ class TierRoutingMiddleware:
             CONFIG_RETRY_AFTER,
             self.retry_after_bounds,
         ).send(send)
+
+
+def _seconds_or_none(name: str, value: object) -> float | None:
+    """A duration option: a positive, finite number of seconds, or None (no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
 
 
 def _inside_event_loop() -> bool:

@@ -3,10 +3,11 @@ failed call can be replayed to the app, and the tier the request names."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from ._body import BodyTooLarge, Payload, parse_object, read_body
-from ._errors import TierError, bad_request
+from ._errors import TierError, bad_request, request_timeout
 from ._extract import agree, body_tiers, header_tier
 from ._routes import RoutePolicy
 from ._types import Headers, Message, Receive, Scope, Send
@@ -110,9 +111,7 @@ class Request:
                 if strict:
                     raise too_large(mw.max_body_bytes)
                 return None
-            first = await self.receive()
-            if not self.hold_whole(first, strict):
-                await self.buffer(first, strict)
+            await self.hold(strict)
             if not self.complete:
                 return None
             if self.body:
@@ -129,15 +128,30 @@ class Request:
             declared is None and not chunked
         ):
             # Not JSON but small enough to hold: keep it so a failed call can be replayed.
-            first = await self.receive()
-            if not self.hold_whole(first, strict):
-                await self.buffer(first, strict)
+            await self.hold(strict)
         tier = found[0][1] if len(found) == 1 else agree(found)
         if tier is None:
             tier = self.policy.default_tier
             if tier is None and self.policy.require_tier:
                 raise bad_request("tier_required", "this route requires a tier", param="tier")
         return tier
+
+    async def hold(self, strict: bool) -> None:
+        """Read the body and hold it, all of it within `body_timeout` when one is set (else 408,
+        and the app is not called)."""
+        timeout = self.mw.body_timeout
+        if timeout is None:
+            first = await self.receive()
+            if not self.hold_whole(first, strict):
+                await self.buffer(first, strict)
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                first = await self.receive()
+                if not self.hold_whole(first, strict):
+                    await self.buffer(first, strict)
+        except TimeoutError:
+            raise request_timeout(timeout) from None
 
     def hold_whole(self, first: Message, strict: bool) -> bool:
         """Hold a body that came whole in its first message (the common case, with no await);
