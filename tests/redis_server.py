@@ -210,6 +210,15 @@ def redis_server(_redis_session_server: RedisServer) -> RedisServer:
     return _redis_session_server
 
 
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def redis_url(request: pytest.FixtureRequest) -> str | None:
+    """Each test twice: sessions in memory (None), then on the shared server (its URL)."""
+    if request.param == "memory":
+        return None
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
 @pytest.fixture
 def fresh_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A server of this test's own, to kill, restart or pause."""

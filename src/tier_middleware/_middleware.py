@@ -7,6 +7,8 @@ lifespan, and hands each routed request to an `Exchange` (`_exchange.py`), which
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import math
 import os
@@ -107,6 +109,7 @@ class TierRoutingMiddleware:
         self.config_timeout = config_timeout
         self.identity = identity or default_identity
         self.authorize = authorize
+        self.authorize_in_thread = authorize is not None and not _is_async_callable(authorize)
         self.budget = RetryBudget(retry_budget, retry_budget_min)
         # Request headers the app must not see from the client: ours are set by the middleware.
         self.request_drop = OWN_HEADERS | {self.tier_header}
@@ -242,6 +245,13 @@ class TierRoutingMiddleware:
             CONFIG_RETRY_AFTER,
             self.retry_after_bounds,
         ).send(send)
+
+
+def _is_async_callable(fn: object) -> bool:
+    """An `async def` function, or a partial of one, or an object whose `__call__` is one."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 def _seconds_or_none(name: str, value: object) -> float | None:
