@@ -64,7 +64,8 @@ def middleware(app: Any, **options: Any) -> TierRoutingMiddleware:
 
 
 async def drive(mw: Any, client: Trickle, content_type: str = "application/json") -> Result:
-    scope = http_scope(ROUTE, [("content-type", content_type)])
+    headers = [("content-type", content_type), ("content-length", str(len(BODY)))]
+    scope = http_scope(ROUTE, headers)
     with anyio.fail_after(5):
         await mw(scope, client.receive, client.send)
     return Result(client.sent)
@@ -116,7 +117,8 @@ async def test_a_body_in_time_is_routed() -> None:
 async def test_a_small_non_json_body_the_middleware_holds_is_bounded_too() -> None:
     provider = Provider()
     mw = middleware(provider, body_timeout=TIMEOUT)
-    scope = http_scope(ROUTE, [("content-type", "audio/wav"), ("x-tier", "simple")])
+    headers = [("content-type", "audio/wav"), ("content-length", "100"), ("x-tier", "simple")]
+    scope = http_scope(ROUTE, headers)
     client = Trickle([b"RIFF"])
     with anyio.fail_after(5):
         await mw(scope, client.receive, client.send)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from typing import Any
 
 import msgspec
@@ -99,10 +101,14 @@ class Payload:
 
 
 def parse_object(body: bytes) -> Payload | None:
-    """The body as a JSON object, or None when it is not valid JSON or not an object."""
+    """The body as a JSON object, or None when it is not valid JSON or not an object; TooDeep
+    when it is nested deeper than the parsers go (Python's recursion limit, less the stack in
+    use: the standard library stops a few levels before msgspec, so it is not tried then)."""
     try:
         members = _members.decode(body)
-    except (ValueError, RecursionError):  # DecodeError, or UnicodeDecodeError from a bad key
+    except RecursionError:
+        raise TooDeep from None
+    except ValueError:  # DecodeError, or UnicodeDecodeError from a bad key
         pass
     else:
         # Skipped strings are checked for JSON syntax but not for UTF-8; JSON text must be UTF-8.
@@ -115,6 +121,47 @@ def parse_object(body: bytes) -> Payload | None:
         return Payload(members, True)
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError):
+    except ValueError:
         return None
+    except RecursionError:
+        raise TooDeep from None
     return Payload(data, False) if isinstance(data, dict) else None
+
+
+def repeated(body: bytes, name: str) -> list[Any] | None:
+    """Every top-level value of member `name`, in order, when the body names it more than once
+    (JSON allows it; both parsers keep only the last); None when it names it at most once.
+
+    Costs a bytes count in the common case: only a body with `"name"` twice, or with a
+    `\\u00XX` escape that could spell a letter of it, is parsed again, pair by pair.
+    """
+    quoted = _quoted(name)
+    if body.count(quoted) < 2 and not (b"\\u" in body and _spelled(name).search(body)):
+        return None
+    top: list[list[tuple[str, Any]]] = []
+
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        top[:] = [members]  # called for each object, innermost first: the last is the body
+        return dict(members)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except RecursionError:
+        raise TooDeep from None
+    except ValueError:
+        return None
+    values = [value for key, value in (top[0] if top else ()) if key == name]
+    return values if len(values) > 1 else None
+
+
+@functools.cache
+def _quoted(name: str) -> bytes:
+    return json.dumps(name, ensure_ascii=False).encode()
+
+
+@functools.cache
+def _spelled(name: str) -> re.Pattern[bytes]:
+    """The `\\u` escapes a key could spell a character of `name` with (UTF-16 code units)."""
+    units = name.encode("utf-16-be")
+    escapes = {b"\\u%02x%02x" % (units[i], units[i + 1]) for i in range(0, len(units), 2)}
+    return re.compile(b"|".join(re.escape(e) for e in sorted(escapes)), re.IGNORECASE)

@@ -51,14 +51,16 @@ def bad_request(code: str, message: str, param: str | None = None) -> TierError:
     return TierError(400, code, message, param=param)
 
 
+def too_deep() -> TierError:
+    return bad_request(
+        "invalid_json",
+        "the request body is nested deeper than the JSON parser goes",
+    )
+
+
 def request_timeout(seconds: float) -> TierError:
-    """A body that did not arrive in time: the connection is closed after the answer (the rest
-    of the body may still be on its way)."""
     return TierError(
-        408,
-        "request_timeout",
-        f"the request body did not arrive within {seconds:g} s",
-        headers=[(b"connection", b"close")],
+        408, "request_timeout", f"the request body did not arrive within {seconds:g} s"
     )
 
 

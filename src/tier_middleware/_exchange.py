@@ -92,7 +92,7 @@ class Exchange(Request):
             if decision is not None and served is not None:
                 await self._save_session(key, decision, served)
         except TierError as err:
-            await err.send(self.send)
+            await err.send(self.send, self.close_after())
         except ClientGone:
             return  # nobody is left to answer, and the app need not spend a model call
 

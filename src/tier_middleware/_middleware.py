@@ -24,7 +24,7 @@ from ._errors import service_unavailable
 from ._exchange import CONFIG_RETRY_AFTER, Exchange, current_selection
 from ._health import HealthConfig, HealthTracker
 from ._metrics import Metrics
-from ._request import BODY_FRAMING, OWN_HEADERS
+from ._request import BODY_FRAMING, OWN_HEADERS, close_unread
 from ._router import TierRouter
 from ._routes import Routes, RouteTable
 from ._sessions import Identity, default_identity
@@ -208,7 +208,7 @@ class TierRoutingMiddleware:
                 await self.app(scope, receive, send)
             return
         if self.config_error is not None:
-            await self._config_unavailable(send)
+            await self._config_unavailable(scope, send)
             return
         policy = self.routes.match(scope["path"])
         if policy is None:
@@ -233,7 +233,7 @@ class TierRoutingMiddleware:
         # An app without lifespan support (Django) raises here; the server handles that.
         await self.app(scope, receive, send_then_close)
 
-    async def _config_unavailable(self, send: Send) -> None:
+    async def _config_unavailable(self, scope: Scope, send: Send) -> None:
         """The answer to every request when the config could not be loaded and the server
         started anyway (no lifespan startup): a 503, and the reason in the log once."""
         if not self._config_error_reported:
@@ -244,7 +244,7 @@ class TierRoutingMiddleware:
             "the tier configuration could not be loaded; the server log says why",
             CONFIG_RETRY_AFTER,
             self.retry_after_bounds,
-        ).send(send)
+        ).send(send, close_unread(scope, whole=False))
 
 
 def _is_async_callable(fn: object) -> bool:
