@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -251,3 +253,88 @@ async def test_the_redis_store_turns_any_exception_into_a_store_error() -> None:
             await store.get_session("k", 60.0)
         assert type(caught.value.__cause__) is kind
         assert await store.ping() is False
+
+
+# -- successive loops while Redis fails ------------------------------------------------------------
+
+
+def allow_all_but_complex_for_strangers(scope: Any, tier: str) -> bool:
+    """A sync authorize (run in a worker thread): everyone may use simple and moderate."""
+    return tier != "complex"
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("fault", ["kill", "pause", "black_hole"])
+def test_successive_event_loops_under_load_while_redis_fails_fail_and_hang_nothing(
+    fresh_redis_server: RedisServer, black_hole: Any, fault: str
+) -> None:
+    """Four `asyncio.run()` loops of 150 session requests each (concurrency 16) through one app
+    with shared health, a sync `authorize` and `body_timeout`: Redis fails during the second
+    loop (killed, paused 3 s) or never answers (a black hole), and comes back by the fourth.
+    Every request is a 200 within its deadline, and every session keeps its model throughout."""
+    server = fresh_redis_server
+    registry = CollectorRegistry()
+    mw = TierRoutingMiddleware(
+        Starlette(routes=[Route(CHAT, chat, methods=["POST"])]),
+        config=two_per_tier(),
+        routes=[CHAT],
+        redis_url=black_hole.url if fault == "black_hole" else server.url,
+        shared_health=True,
+        authorize=allow_all_but_complex_for_strangers,
+        body_timeout=5.0,
+        registry=registry,
+    )
+    models: dict[str, set[str]] = {}
+
+    async def one_loop(number: int) -> None:
+        async def one(i: int) -> None:
+            session = f"s{i % 50}"
+            tier = ("simple", "moderate")[i // 75]
+            body = json.dumps({"tier": tier, "messages": []}).encode()
+            result = await call(mw, body, headers=[JSON, ("x-session-id", session)])
+            assert result.status == 200, (number, result.status, result.body)
+            if i >= 75:  # every session is at moderate from here on
+                models.setdefault(session, set()).add(result.headers["x-tier-model"])
+            if number == 1 and i == 20:
+                if fault == "kill":
+                    server.kill()
+                elif fault == "pause":
+                    server.pause(3_000)
+
+        queue = iter(range(150))
+
+        async def worker() -> None:
+            for i in queue:
+                await one(i)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(16):
+                    tg.start_soon(worker)
+
+    async def back_on_redis() -> None:
+        """Once Redis answers and the 1 s cooldown is over (real time: both are), the sessions
+        are in Redis again, with the models they had, the killed server's written back."""
+        with anyio.fail_after(15):
+            while len(server.command("KEYS", "tier:s:anon:s*")) < 50:
+                for k in range(50):
+                    headers = [JSON, ("x-session-id", f"s{k}")]
+                    result = await call(mw, BODY, headers=headers)
+                    assert result.status == 200
+                    models[f"s{k}"].add(result.headers["x-tier-model"])
+                await anyio.sleep(0.1)  # polling interval
+
+    for number in range(4):
+        if number == 3 and fault == "kill":
+            server.start()
+        asyncio.run(one_loop(number))
+    assert errors(registry) >= 1  # the fault was met, in one loop or several
+    if fault != "black_hole":
+        asyncio.run(back_on_redis())
+    assert len(models) == 50
+    assert all(len(seen) == 1 for seen in models.values()), models
+
+    async def close() -> None:
+        await mw.aclose()
+
+    asyncio.run(close())
