@@ -918,7 +918,12 @@ async def test_with_nothing_to_serve_and_the_lock_kept_after_a_failure_nobody_el
 async def test_store_errors_never_fail_a_refresh(
     control_plane: ControlPlane, make: Make, caplog: pytest.LogCaptureFixture
 ) -> None:
-    h = make(cp_source(control_plane), store=BrokenStore())
+    store_errors: list[tuple[str, str]] = []
+    h = make(
+        cp_source(control_plane),
+        store=BrokenStore(),
+        on_store_error=lambda *error: store_errors.append(error),
+    )
 
     config = await h.manager.ready()
     assert config is not None
@@ -930,6 +935,8 @@ async def test_store_errors_never_fail_a_refresh(
     [warning] = warnings_of(caplog)  # one per store outage, not one per refresh
     assert "store unavailable" in warning.getMessage()
     assert warning.__dict__["store_operation"] == "get_config"
+    # ... but every failed call is counted (the middleware's llm_backend_errors_total).
+    assert store_errors == [("memory", "get_config"), ("memory", "get_config")]
 
 
 async def test_a_corrupt_store_copy_is_ignored(control_plane: ControlPlane, make: Make) -> None:

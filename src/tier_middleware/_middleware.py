@@ -140,6 +140,7 @@ class TierRoutingMiddleware:
                 store=store,
                 on_change=self._adopt,
                 on_refresh=self.metrics.config_refresh,
+                on_store_error=self.metrics.backend_error,
             )
             if self.configs.current is not None:
                 self._adopt(self.configs.current, startup=True)

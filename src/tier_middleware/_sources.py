@@ -188,7 +188,8 @@ class ConfigManager:
     every time `current` takes a config with different content (the first remote config and an
     adopted fallback included); `on_refresh(result)` once per refresh attempt with "success"
     (fetched, new content), "unchanged" (nothing new), "error" (failed; last-known-good kept) or
-    "shared" (adopted the fleet's copy from the store).
+    "shared" (adopted the fleet's copy from the store); `on_store_error(backend, operation)` for
+    every failed call to the store.
     """
 
     def __init__(
@@ -201,6 +202,7 @@ class ConfigManager:
         wall_clock: Clock = time.time,
         on_change: Callable[[TierConfig], object] | None = None,
         on_refresh: Callable[[RefreshResult], object] | None = None,
+        on_store_error: Callable[[str, str], object] | None = None,
         refresh_ahead: float = 0.8,
         retry_interval: float | None = None,
     ) -> None:
@@ -211,6 +213,7 @@ class ConfigManager:
         self._store = store
         self._on_change = on_change
         self._on_refresh = on_refresh
+        self._on_store_error = on_store_error
         self._fallback = TierConfig.load(fallback) if fallback is not None else None
 
         self.current: TierConfig | None
@@ -600,6 +603,11 @@ class ConfigManager:
         self.last_error = None
 
     def _store_failed(self, operation: str, exc: Exception) -> None:
+        if self._on_store_error is not None and self._store is not None:
+            try:
+                self._on_store_error(self._store.name, operation)
+            except Exception:
+                logger.exception("on_store_error callback failed")
         fields = {"store_operation": operation, "error": str(exc)[:300]}
         if not self._store_failing:
             self._store_failing = True
