@@ -132,11 +132,12 @@ def repeated(body: bytes, name: str) -> list[Any] | None:
     """Every top-level value of member `name`, in order, when the body names it more than once
     (JSON allows it; both parsers keep only the last); None when it names it at most once.
 
-    Costs a bytes count in the common case: only a body with `"name"` twice, or with a
-    `\\u00XX` escape that could spell a letter of it, is parsed again, pair by pair.
+    Costs a reverse search or two in the common case: only a body with `"name"` twice, or with
+    a `\\u` escape that could spell one of its characters, is parsed again, pair by pair.
     """
     quoted = _quoted(name)
-    if body.count(quoted) < 2 and not (b"\\u" in body and _spelled(name).search(body)):
+    last = body.rfind(quoted)
+    if not (last > 0 and body.rfind(quoted, 0, last) >= 0) and not _may_spell(body, name):
         return None
     top: list[list[tuple[str, Any]]] = []
 
@@ -154,14 +155,24 @@ def repeated(body: bytes, name: str) -> list[Any] | None:
     return values if len(values) > 1 else None
 
 
+def _may_spell(body: bytes, name: str) -> bool:
+    """Whether some key of the body could be `name` spelled with `\\u` escapes."""
+    if body.find(b"\\") < 0:  # a memchr: a body without any escape costs nothing more
+        return False
+    prefix, spelled = _spelled(name)
+    return body.rfind(prefix) >= 0 and spelled.search(body) is not None
+
+
 @functools.cache
 def _quoted(name: str) -> bytes:
     return json.dumps(name, ensure_ascii=False).encode()
 
 
 @functools.cache
-def _spelled(name: str) -> re.Pattern[bytes]:
-    """The `\\u` escapes a key could spell a character of `name` with (UTF-16 code units)."""
+def _spelled(name: str) -> tuple[bytes, re.Pattern[bytes]]:
+    """What every `\\u` escape of a character of `name` starts with, and the escapes
+    themselves (UTF-16 code units, any case of hex digit)."""
     units = name.encode("utf-16-be")
     escapes = {b"\\u%02x%02x" % (units[i], units[i + 1]) for i in range(0, len(units), 2)}
-    return re.compile(b"|".join(re.escape(e) for e in sorted(escapes)), re.IGNORECASE)
+    prefix = b"\\u00" if all(e.startswith(b"\\u00") for e in escapes) else b"\\u"
+    return prefix, re.compile(b"|".join(re.escape(e) for e in sorted(escapes)), re.IGNORECASE)
