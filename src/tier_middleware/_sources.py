@@ -462,13 +462,14 @@ class ConfigManager:
         fetch may be anyone's: one instance that cannot reach the control plane does not keep
         the fleet from trying). A failure of this instance's own (its key is not set) frees it
         at once: another may well succeed."""
+        hold = failed is not None and not (failed.kind == "auth" and failed.status_code is None)
         try:
-            if failed is not None and not (failed.kind == "auth" and failed.status_code is None):
+            if hold:
                 await store.hold_lock(LOCK_NAME, token, FAILURE_HOLD * self.retry_interval)
             else:
                 await store.unlock(LOCK_NAME, token)
         except Exception as exc:
-            self._store_failed("unlock", exc)
+            self._store_failed("hold_lock" if hold else "unlock", exc)
 
     async def _await_holder(
         self, store: Store
@@ -482,22 +483,21 @@ class ConfigManager:
             while True:
                 await anyio.sleep(pause)
                 pause = min(pause * 2, 0.25)
+                operation = "get_config"
                 try:
                     copy = self._parse_copy(await store.get_config())
-                    token = (
-                        None
-                        if copy is not None
-                        else await store.try_lock(LOCK_NAME, self._lock_ttl)
-                    )
+                    if copy is None:
+                        operation = "try_lock"
+                        token = await store.try_lock(LOCK_NAME, self._lock_ttl)
+                        if token is not None:
+                            return token, None
                 except Exception as exc:
-                    self._store_failed("try_lock", exc)
+                    self._store_failed(operation, exc)
                     return None, None
                 if copy is not None:
                     self._adopt(copy.config, "store", copy.fetched_at)
                     age = max(0.0, self._wall_clock() - copy.fetched_at)
                     return None, ("shared", max(self._refresh_after - age, self._lock_retry))
-                if token is not None:
-                    return token, None
         return None, None
 
     async def _fresh_copy(self, store: Store) -> tuple[RefreshResult, float] | None:
