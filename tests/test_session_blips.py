@@ -70,6 +70,9 @@ class Fleet:
             redis_url=url,
             registry=CollectorRegistry(),
             rng=random.Random(len(self.built)),
+            # Longer than a pause of the loaded machine (a full collection of the suite's heap
+            # takes ~0.2 s), so that only the partition makes a backend error, as counted here.
+            redis_options={"socket_timeout": 0.5, "connect_timeout": 0.5},
             **options,
         )
         mw.state.clock = self.clock  # the 1 s cooldown after a Redis error: on a clock we move
