@@ -1,7 +1,14 @@
 import pytest
 
-# A real redis-server (or REDIS_URL) and a black-hole listener, for tests/test_stores.py.
-from redis_server import _redis_session_server, black_hole, fresh_redis_server, redis_server  # noqa: F401
+# A real redis-server (or REDIS_URL), a black-hole listener, and `redis_url` (each test in memory
+# and on Redis).
+from redis_server import (  # noqa: F401
+    _redis_session_server,
+    black_hole,
+    fresh_redis_server,
+    redis_server,
+    redis_url,
+)
 
 
 @pytest.fixture

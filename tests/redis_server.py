@@ -1,4 +1,5 @@
-"""A real redis-server for the tests, under the tests' control, and a black-hole TCP listener.
+"""A real redis-server for the tests, under the tests' control; a black-hole TCP listener; and a
+relay that can partition the network in front of a server.
 
 `redis_server` (session-scoped process, flushed before each test) and `fresh_redis_server` (one
 process per test, for tests that kill or pause it) start `redis-server` on a free loopback port
@@ -12,6 +13,7 @@ The fixtures are imported into conftest.py.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import selectors
 import shutil
@@ -208,6 +210,15 @@ def redis_server(_redis_session_server: RedisServer) -> RedisServer:
     return _redis_session_server
 
 
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def redis_url(request: pytest.FixtureRequest) -> str | None:
+    """Each test twice: sessions in memory (None), then on the shared server (its URL)."""
+    if request.param == "memory":
+        return None
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
 @pytest.fixture
 def fresh_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A server of this test's own, to kill, restart or pause."""
@@ -282,3 +293,69 @@ def black_hole() -> Iterator[BlackHole]:
         yield hole
     finally:
         hole.close()
+
+
+class Partition:
+    """A TCP relay in front of Redis that can black-hole the traffic.
+
+    While `cut`, bytes are swallowed in both directions and new connections are accepted and
+    never answered: no RST, no FIN, only silence (a network partition, a dead NAT entry).
+    `heal()` forwards again and drops the connections that were accepted during the cut.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.cut = False
+        self.listen_port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._held: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.listen_port}/0"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.listen_port = self._server.sockets[0].getsockname()[1]
+
+    def heal(self) -> None:
+        self.cut = False
+        for writer in self._held:
+            writer.close()
+        self._held.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.cut:
+            self._held.append(writer)
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._writers.append(up_writer)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pipe(source, sink))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if not self.cut:
+                    writer.write(data)
+                    await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for writer in self._writers:
+            writer.close()
+        for task in list(self._pipes):
+            task.cancel()
+        if self._pipes:
+            await asyncio.wait(list(self._pipes))

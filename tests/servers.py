@@ -1,7 +1,7 @@
-"""Real servers on loopback ports: in subprocesses (start, wait until they listen, stop), a real
-Prometheus that scrapes one of them, and uvicorn serving an app inside the test's event loop.
+"""Real servers on loopback ports: in subprocesses (start, wait until they listen, stop), uvicorn
+in the test's own event loop (`serve`), and a real Prometheus that scrapes one of them.
 
-Shared by the example, startup, streaming and upstream tests and the Redis fixtures.
+Shared by the example, startup, streaming, upstream and body tests and the Redis fixtures.
 """
 
 from __future__ import annotations
@@ -148,8 +148,9 @@ def until(check: Callable[[], T], failure: str, deadline: float = SCRAPE_DEADLIN
 
 
 @asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Run `app` under uvicorn in this event loop, on a free loopback port."""
+async def serve(app: Any, **config: Any) -> AsyncIterator[str]:
+    """Run `app` under uvicorn in this event loop, on a free loopback port (`config`: more
+    `uvicorn.Config` options, such as `http="h11"`)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -161,6 +162,7 @@ async def serve(app: Any) -> AsyncIterator[str]:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=2,  # a test that failed mid-request must not hang here
+            **config,
         )
     )
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -88,7 +88,8 @@ bodies = st.one_of(
     ),
     st.sampled_from(
         [
-            b'{"tier": "simple", "tier": "complex"}',  # duplicate keys: the last one wins
+            b'{"tier": "simple", "tier": "complex"}',  # duplicate keys that disagree: a 400
+            b'{"tier": "simple", "ti\\u0065r": "simple", "model": "tier:simple"}',
             b'{"tier": "simple", "x": NaN, "y": -Infinity}',
             b'{"tier": "simple", "s": "\\ud800"}',
             b'{"tier": "simple"',  # truncated

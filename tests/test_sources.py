@@ -661,18 +661,35 @@ def test_a_manager_survives_a_new_event_loop() -> None:
 
 
 class LockHeldStore(MemoryStore):
-    """Another instance holds the config lock for good; optionally the copy is never written."""
+    """Another instance holds the config lock (for good, or for its first `free_after` asks);
+    optionally the copy is never written."""
 
-    def __init__(self, *, keep_copies: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, *, keep_copies: bool = True, free_after: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.keep_copies = keep_copies
+        self.free_after = free_after
+        self.asked = 0
 
     async def try_lock(self, name: str, ttl: float) -> str | None:
+        self.asked += 1
+        if self.free_after is not None and self.asked > self.free_after:
+            return await super().try_lock(name, ttl)
         return None
 
     async def put_config(self, raw: bytes, fetched_at: float) -> None:
         if self.keep_copies:
             await super().put_config(raw, fetched_at)
+
+
+class HolderDelivers(LockHeldStore):
+    """The lock holder's fetch lands in the store while this instance waits for it."""
+
+    async def try_lock(self, name: str, ttl: float) -> str | None:
+        if self.asked == 1:  # the second ask: this instance is waiting for the holder
+            await self.put_config(envelope("7"), self.clock())
+        return await super().try_lock(name, ttl)
 
 
 class BrokenStore(MemoryStore):
@@ -730,6 +747,41 @@ async def test_two_instances_sharing_a_store_ask_the_control_plane_once_per_peri
     assert fetched_at <= a.wall.now
 
 
+async def test_while_the_control_plane_fails_four_instances_fetch_about_as_often_as_one(
+    control_plane: ControlPlane, make: Make
+) -> None:
+    """The figure: a minute of 500s from the control plane (on the fake clocks), four instances
+    sharing a store against one instance alone. The lock decides who fetches, so the four ask
+    about once per retry interval in total, as the one does (before: once each)."""
+    retry, minute, step = 5.0, 60.0, 0.1
+    store = MemoryStore()
+    source = cp_source(control_plane, ttl=retry)  # due again 4 s after the first fetch
+    fleet = [make(source, store=store, retry_interval=retry) for _ in range(4)]
+    store.clock = fleet[0].wall  # locks expire on the fleet's (fake) wall clock
+    async with ControlPlane() as lone_plane:
+        lone_store = MemoryStore(clock=fleet[0].wall)
+        lone = make(cp_source(lone_plane, ttl=retry), store=lone_store, retry_interval=retry)
+        everyone = [*fleet, lone]
+        for h in everyone:
+            assert await h.manager.ready() is not None
+        assert (control_plane.hits, lone_plane.hits) == (1, 1)  # the others shared the copy
+        control_plane.behaviour = lone_plane.behaviour = "error500"
+        clock = fleet[0]
+        for _ in range(round(minute / step)):  # requests keep arriving: each instance ticks
+            clock.advance(step)
+            for h in everyone:
+                h.manager.tick()
+            for h in everyone:
+                await h.manager.wait_idle()
+        fleet_fetches, lone_fetches = control_plane.hits - 1, lone_plane.hits - 1
+    print(f"fetches in a minute of 500s: 4 instances {fleet_fetches}, 1 instance {lone_fetches}")
+    assert minute / retry - 2 <= lone_fetches <= minute / retry + 1
+    assert fleet_fetches <= 1.5 * lone_fetches, (fleet_fetches, lone_fetches)
+    for h in everyone:
+        assert h.manager.current is not None  # last-known-good all along
+        assert h.manager.current.version == "1"
+
+
 async def test_a_fresh_store_copy_is_adopted_without_asking_the_control_plane(
     control_plane: ControlPlane, make: Make
 ) -> None:
@@ -783,6 +835,7 @@ async def test_a_fallback_gives_way_to_a_store_copy_that_appears_later(
     store = MemoryStore()
     await control_plane.stop()
     h = make(cp_source(control_plane), store=store, fallback=FALLBACK)
+    store.clock = h.wall  # the lock it keeps after its failure expires on the fake wall clock
     assert h.manager.current is None
     await h.manager.ready()
     assert h.versions == ["fallback"]
@@ -816,24 +869,61 @@ async def test_while_another_instance_holds_the_lock_its_copy_is_used(
     assert control_plane.hits == 0
 
 
-async def test_with_the_lock_held_and_nothing_to_serve_an_instance_fetches_itself(
+async def test_with_the_lock_held_and_nothing_to_serve_an_instance_waits_for_the_holders_copy(
     control_plane: ControlPlane, make: Make
 ) -> None:
-    h = make(cp_source(control_plane), store=LockHeldStore(keep_copies=False))
+    store = HolderDelivers()
+    h = make(cp_source(control_plane, timeout=0.5), store=store)
+    store.clock = h.wall
+    config = await h.manager.ready()
+    assert config is not None
+    assert config.version == "7"
+    assert control_plane.hits == 0  # the lock decided: one fetch for the fleet, the holder's
+    assert h.results == ["shared"]
+
+
+async def test_with_nothing_to_serve_an_instance_fetches_once_the_lock_is_free(
+    control_plane: ControlPlane, make: Make
+) -> None:
+    h = make(cp_source(control_plane), store=LockHeldStore(keep_copies=False, free_after=2))
 
     assert await h.manager.ready() is not None
     assert control_plane.hits == 1
     assert h.results == ["success"]
 
-    await h.tick_after(REFRESH_AT)  # now it has a config: it waits for the lock holder
+
+async def test_with_nothing_to_serve_and_the_lock_kept_after_a_failure_nobody_else_asks(
+    control_plane: ControlPlane, make: Make
+) -> None:
+    """The holder's fetch failed, and it keeps the lock until its retry: an instance without
+    any config waits at most the lock's TTL (the fetch timeout + 1 s, real time) and does not
+    ask the control plane too; it tries again a lock retry later."""
+    store = LockHeldStore(keep_copies=False)
+    h = make(cp_source(control_plane, timeout=0.05), store=store)
+
+    started = time.monotonic()
+    assert await h.manager.ready() is None
+    assert time.monotonic() - started < 0.05 + 1.0 + 0.5
+    assert control_plane.hits == 0
+    assert h.results == ["unchanged"]
+    asked = store.asked
+    assert asked >= 3  # it looked again while it waited
+
+    store.free_after = asked  # the holder's hold ran out
+    await h.tick_after(1.05)  # its lock retry: min(retry interval, timeout + 1)
     assert control_plane.hits == 1
-    assert h.results == ["success", "unchanged"]
+    assert h.results == ["unchanged", "success"]
 
 
 async def test_store_errors_never_fail_a_refresh(
     control_plane: ControlPlane, make: Make, caplog: pytest.LogCaptureFixture
 ) -> None:
-    h = make(cp_source(control_plane), store=BrokenStore())
+    store_errors: list[tuple[str, str]] = []
+    h = make(
+        cp_source(control_plane),
+        store=BrokenStore(),
+        on_store_error=lambda *error: store_errors.append(error),
+    )
 
     config = await h.manager.ready()
     assert config is not None
@@ -845,6 +935,8 @@ async def test_store_errors_never_fail_a_refresh(
     [warning] = warnings_of(caplog)  # one per store outage, not one per refresh
     assert "store unavailable" in warning.getMessage()
     assert warning.__dict__["store_operation"] == "get_config"
+    # ... but every failed call is counted (the middleware's llm_backend_errors_total).
+    assert store_errors == [("memory", "get_config"), ("memory", "get_config")]
 
 
 async def test_a_corrupt_store_copy_is_ignored(control_plane: ControlPlane, make: Make) -> None:

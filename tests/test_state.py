@@ -23,14 +23,6 @@ CONFIG = two_per_tier()
 PROVIDER_OF = {m["model"]: m["provider"] for ms in CONFIG["tiers"].values() for m in ms}
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def redis_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "memory":
-        return None
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.url
-
-
 class Apps:
     """Middlewares built by a test, closed at its end."""
 

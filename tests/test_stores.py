@@ -253,6 +253,27 @@ async def test_an_expired_lock_is_taken_over_and_the_old_token_cannot_free_it(
     assert await store.try_lock("job", 5.0) is not None
 
 
+async def test_a_lock_is_held_longer_only_with_its_token_and_only_while_it_is_held(
+    backend: Backend,
+) -> None:
+    store = backend.store
+    token = await store.try_lock("config", 3.0)
+    assert token is not None
+    assert await store.hold_lock("config", "not-the-token", 27.0) is False
+    ttl = backend.lock_ttl("config")
+    assert ttl is not None
+    assert 2.9 < ttl <= 3.0  # unchanged
+    assert await store.hold_lock("config", token, 27.0) is True
+    ttl = backend.lock_ttl("config")
+    assert ttl is not None
+    assert 26.9 < ttl <= 27.0  # from now, in milliseconds
+    assert await store.try_lock("config", 3.0) is None
+    backend.expire_lock("config")
+    assert await store.hold_lock("config", token, 27.0) is False  # expired: nothing to hold
+    assert (backend.lock_ttl("config") or 0.0) <= 0.0
+    assert await store.try_lock("config", 3.0) is not None
+
+
 # -- health (both backends) -------------------------------------------------------------------------
 
 RETRY_AFTERS: list[float | None] = [
@@ -657,6 +678,7 @@ def _calls(store: Store) -> dict[str, Call]:
         "put_config": lambda: store.put_config(b"{}", NOW),
         "try_lock": lambda: store.try_lock("l", 5.0),
         "unlock": lambda: store.unlock("l", "token"),
+        "hold_lock": lambda: store.hold_lock("l", "token", 5.0),
         "health_snapshot": lambda: store.health_snapshot(),
         "record_failure": lambda: store.record_failure("p", "m", cfg, None, NOW),
         "record_success": lambda: store.record_success("p", "m"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from typing import Any
 
 import msgspec
@@ -99,10 +101,14 @@ class Payload:
 
 
 def parse_object(body: bytes) -> Payload | None:
-    """The body as a JSON object, or None when it is not valid JSON or not an object."""
+    """The body as a JSON object, or None when it is not valid JSON or not an object; TooDeep
+    when it is nested deeper than the parsers go (Python's recursion limit, less the stack in
+    use: the standard library stops a few levels before msgspec, so it is not tried then)."""
     try:
         members = _members.decode(body)
-    except (ValueError, RecursionError):  # DecodeError, or UnicodeDecodeError from a bad key
+    except RecursionError:
+        raise TooDeep from None
+    except ValueError:  # DecodeError, or UnicodeDecodeError from a bad key
         pass
     else:
         # Skipped strings are checked for JSON syntax but not for UTF-8; JSON text must be UTF-8.
@@ -115,6 +121,58 @@ def parse_object(body: bytes) -> Payload | None:
         return Payload(members, True)
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError):
+    except ValueError:
         return None
+    except RecursionError:
+        raise TooDeep from None
     return Payload(data, False) if isinstance(data, dict) else None
+
+
+def repeated(body: bytes, name: str) -> list[Any] | None:
+    """Every top-level value of member `name`, in order, when the body names it more than once
+    (JSON allows it; both parsers keep only the last); None when it names it at most once.
+
+    Costs a reverse search or two in the common case: only a body with `"name"` twice, or with
+    a `\\u` escape that could spell one of its characters, is parsed again, pair by pair.
+    """
+    quoted = _quoted(name)
+    last = body.rfind(quoted)
+    if not (last > 0 and body.rfind(quoted, 0, last) >= 0) and not _may_spell(body, name):
+        return None
+    top: list[list[tuple[str, Any]]] = []
+
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        top[:] = [members]  # called for each object, innermost first: the last is the body
+        return dict(members)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except RecursionError:
+        raise TooDeep from None
+    except ValueError:
+        return None
+    values = [value for key, value in (top[0] if top else ()) if key == name]
+    return values if len(values) > 1 else None
+
+
+def _may_spell(body: bytes, name: str) -> bool:
+    """Whether some key of the body could be `name` spelled with `\\u` escapes."""
+    if body.find(b"\\") < 0:  # a memchr: a body without any escape costs nothing more
+        return False
+    prefix, spelled = _spelled(name)
+    return body.rfind(prefix) >= 0 and spelled.search(body) is not None
+
+
+@functools.cache
+def _quoted(name: str) -> bytes:
+    return json.dumps(name, ensure_ascii=False).encode()
+
+
+@functools.cache
+def _spelled(name: str) -> tuple[bytes, re.Pattern[bytes]]:
+    """What every `\\u` escape of a character of `name` starts with, and the escapes
+    themselves (UTF-16 code units, any case of hex digit)."""
+    units = name.encode("utf-16-be")
+    escapes = {b"\\u%02x%02x" % (units[i], units[i + 1]) for i in range(0, len(units), 2)}
+    prefix = b"\\u00" if all(e.startswith(b"\\u00") for e in escapes) else b"\\u"
+    return prefix, re.compile(b"|".join(re.escape(e) for e in sorted(escapes)), re.IGNORECASE)

@@ -51,6 +51,19 @@ def bad_request(code: str, message: str, param: str | None = None) -> TierError:
     return TierError(400, code, message, param=param)
 
 
+def too_deep() -> TierError:
+    return bad_request(
+        "invalid_json",
+        "the request body is nested deeper than the JSON parser goes",
+    )
+
+
+def request_timeout(seconds: float) -> TierError:
+    return TierError(
+        408, "request_timeout", f"the request body did not arrive within {seconds:g} s"
+    )
+
+
 def retry_after_headers(seconds: float, bounds: tuple[int, int]) -> Headers:
     """`Retry-After` in whole seconds and `retry-after-ms`, both clamped to `bounds`.
 

@@ -8,6 +8,8 @@ import itertools
 import time
 from typing import TYPE_CHECKING, ClassVar
 
+import anyio.to_thread
+
 from ._attempt import Attempt, current_attempt
 from ._body import ClientGone, TooDeep
 from ._errors import TierError, bad_request, service_unavailable
@@ -16,7 +18,7 @@ from ._health import Key
 from ._request import Request
 from ._router import NoHealthyModel, Selection, TierRouter
 from ._routes import RoutePolicy
-from ._sessions import Decision, decide, session_key, valid_session_id
+from ._sessions import Decision, decide, held_tier, session_key, valid_session_id
 from ._stores import SessionRecord
 from ._types import Headers, Receive, Scope, Send
 
@@ -84,13 +86,15 @@ class Exchange(Request):
             if decision is not None and served is not None:
                 await self._save_session(key, decision, served)
         except TierError as err:
-            await err.send(self.send)
+            await err.send(self.send, self.close_after())
         except ClientGone:
             return  # nobody is left to answer, and the app need not spend a model call
 
     # -- reading the request ------------------------------------------------------------------
 
-    def _check_tier(self, tier: str, router: TierRouter) -> str:
+    def _check_tier(self, tier: str, router: TierRouter, held: bool = False) -> str:
+        """`tier` if the config has it and the route allows it; `held`: the tier is the one a
+        session holds the request at, checked as a requested one is."""
         config = router.config
         if tier not in config.ranks:
             raise invalid_tier(
@@ -98,20 +102,27 @@ class Exchange(Request):
             )
         allowed = self.policy.allowed_tiers
         if allowed is not None and tier not in allowed:
+            what = f"this session is at tier {tier!r}, which" if held else f"tier {tier!r}"
             raise TierError(
                 403,
                 "tier_not_allowed",
-                f"tier {tier!r} is not allowed on this route; allowed: "
+                f"{what} is not allowed on this route; allowed: "
                 f"{', '.join(t for t in config.tier_order if t in allowed)}",
                 param="tier",
             )
         return tier
 
     async def _authorize(self, tier: str) -> None:
-        authorize = self.mw.authorize
+        """Ask `authorize=`: an async one on the event loop, a sync one in a worker thread (it
+        may look a key up in a database)."""
+        mw = self.mw
+        authorize = mw.authorize
         if authorize is None:
             return
-        allowed = authorize(self.scope, tier)
+        if mw.authorize_in_thread:
+            allowed = await anyio.to_thread.run_sync(authorize, self.scope, tier)
+        else:
+            allowed = authorize(self.scope, tier)
         if inspect.isawaitable(allowed):
             allowed = await allowed
         if not allowed:
@@ -150,13 +161,13 @@ class Exchange(Request):
                     param="session_id",
                 )
             key = session_key(mw.identity(self.scope), session_id)
-            record = await state.load_session(key)
+            record = await state.load_session(key, router.ranks)
+            held = held_tier(router.config, record, self.tier)
+            if held != self.tier:  # a session never goes down a tier: checked as if asked for
+                self.tier = self._check_tier(held, router, held=True)
+                await self._authorize(held)
             decision = await decide(router, record, self.tier, time.time())
-            selection = decision.selection
-            if selection.tier != self.tier:  # a session never goes down a tier
-                self.tier = selection.tier
-                await self._authorize(self.tier)
-            return key, decision, selection
+            return key, decision, decision.selection
         if router.probe_lease is None:
             return "", None, router.select_now(self.tier)
         await state.sync_health()

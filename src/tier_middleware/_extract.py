@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._body import Payload
+from ._body import Payload, repeated
 from ._errors import TierError, bad_request
 
 MAX_TIER_LENGTH = 64
@@ -67,14 +67,42 @@ def agree(found: list[tuple[str, str]]) -> str | None:
     return tier
 
 
-def body_tiers(payload: Payload, tier_field: str, model_field: str) -> list[tuple[str, str]]:
+def body_tiers(
+    payload: Payload, body: bytes, tier_field: str, model_field: str
+) -> list[tuple[str, str]]:
+    """(source, tier) for the tier field and a `tier:` model of the body. A member named more
+    than once at the top level counts once per occurrence (`conflicting_tier` if they differ):
+    parsers disagree on which one wins, so the middleware does not pick one for the client."""
     found = []
     if tier_field in payload.members:
-        tier = clean_tier(payload.value(tier_field), "body")
-        found.append(("body field '" + tier_field + "'", tier))
+        values = repeated(body, tier_field)
+        source = "body field '" + tier_field + "'"
+        if values is None:
+            found.append((source, clean_tier(payload.value(tier_field), "body")))
+        else:
+            tiers = {clean_tier(value, "body") for value in values}
+            if len(tiers) > 1:
+                raise _twice(tier_field, values)
+            found.append((source, tiers.pop()))
     if model_field not in payload.members:
         return found
-    model_tier = tier_from_model(payload.value(model_field))
+    values = repeated(body, model_field)
+    if values is not None:
+        named = [tier_from_model(value) for value in values]
+        if any(t is not None for t in named) and len({repr(v) for v in values}) > 1:
+            raise _twice(model_field, values)
+        model_tier = named[0]
+    else:
+        model_tier = tier_from_model(payload.value(model_field))
     if model_tier is not None:
         found.append(("model", model_tier))
     return found
+
+
+def _twice(field: str, values: list[Any]) -> TierError:
+    shown = ", ".join(repr(_shown(v) if isinstance(v, str) else v)[:60] for v in values[:3])
+    return bad_request(
+        "conflicting_tier",
+        f"the body names {field!r} {len(values)} times, with different values ({shown})",
+        param="tier",
+    )

@@ -7,6 +7,8 @@ lifespan, and hands each routed request to an `Exchange` (`_exchange.py`), which
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import math
 import os
@@ -23,7 +25,7 @@ from ._errors import service_unavailable
 from ._exchange import CONFIG_RETRY_AFTER, Exchange
 from ._health import HealthConfig, HealthTracker
 from ._metrics import Metrics
-from ._request import BODY_FRAMING, OWN_HEADERS
+from ._request import BODY_FRAMING, OWN_HEADERS, close_unread
 from ._router import TierRouter
 from ._routes import Routes, RouteTable
 from ._sessions import Identity, default_identity
@@ -79,6 +81,7 @@ class TierRoutingMiddleware:
         tier_header: str = "x-tier",
         model_field: str = "model",
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_timeout: float | None = None,
         failure_statuses: Collection[int] = DEFAULT_FAILURE_STATUSES,
         retry_after_bounds: tuple[int, int] = (1, 60),
         config_timeout: float = 5.0,
@@ -100,6 +103,7 @@ class TierRoutingMiddleware:
         if max_body_bytes < 1:
             raise ValueError("max_body_bytes must be >= 1")
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = _seconds_or_none("body_timeout", body_timeout)
         self.failure_statuses = frozenset(failure_statuses)
         low, high = retry_after_bounds
         if not 0 <= low <= high:
@@ -123,6 +127,7 @@ class TierRoutingMiddleware:
         self.timeouts = AttemptTimeouts(attempt_timeout) if attempt_timeout is not None else None
         self.identity = identity or default_identity
         self.authorize = authorize
+        self.authorize_in_thread = authorize is not None and not _is_async_callable(authorize)
         self.budget = RetryBudget(retry_budget, retry_budget_min)
         # Request headers the app must not see from the client: ours are set by the middleware.
         self.request_drop = OWN_HEADERS | {self.tier_header}
@@ -158,6 +163,7 @@ class TierRoutingMiddleware:
                 store=store,
                 on_change=self._adopt,
                 on_refresh=self.metrics.config_refresh,
+                on_store_error=self.metrics.backend_error,
             )
             if self.configs.current is not None:
                 self._adopt(self.configs.current, startup=True)
@@ -242,7 +248,7 @@ class TierRoutingMiddleware:
                 await self.app(scope, receive, send)
             return
         if self.config_error is not None:
-            await self._config_unavailable(send)
+            await self._config_unavailable(scope, send)
             return
         policy = self.routes.match(scope["path"])
         if policy is None:
@@ -269,7 +275,7 @@ class TierRoutingMiddleware:
         # An app without lifespan support (Django) raises here; the server handles that.
         await self.app(scope, receive, send_then_close)
 
-    async def _config_unavailable(self, send: Send) -> None:
+    async def _config_unavailable(self, scope: Scope, send: Send) -> None:
         """The answer to every request when the config could not be loaded and the server
         started anyway (no lifespan startup): a 503, and the reason in the log once."""
         if not self._config_error_reported:
@@ -280,7 +286,25 @@ class TierRoutingMiddleware:
             "the tier configuration could not be loaded; the server log says why",
             CONFIG_RETRY_AFTER,
             self.retry_after_bounds,
-        ).send(send)
+        ).send(send, close_unread(scope, whole=False))
+
+
+def _is_async_callable(fn: object) -> bool:
+    """An `async def` function, or a partial of one, or an object whose `__call__` is one."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _seconds_or_none(name: str, value: object) -> float | None:
+    """A duration option: a positive, finite number of seconds, or None (no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
 
 
 def _inside_event_loop() -> bool:

@@ -3,10 +3,11 @@ failed call can be replayed to the app, and the tier the request names."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
-from ._body import BodyTooLarge, Payload, parse_object, read_body
-from ._errors import TierError, bad_request
+from ._body import BodyTooLarge, Payload, TooDeep, parse_object, read_body
+from ._errors import TierError, bad_request, request_timeout, too_deep
 from ._extract import agree, body_tiers, header_tier
 from ._routes import RoutePolicy
 from ._types import Headers, Message, Receive, Scope, Send
@@ -110,34 +111,54 @@ class Request:
                 if strict:
                     raise too_large(mw.max_body_bytes)
                 return None
-            first = await self.receive()
-            if not self.hold_whole(first, strict):
-                await self.buffer(first, strict)
+            await self.hold(strict)
             if not self.complete:
                 return None
             if self.body:
-                payload = parse_object(self.body)
+                try:
+                    payload = parse_object(self.body)
+                    if payload is not None:
+                        found += body_tiers(payload, self.body, mw.tier_field, mw.model_field)
+                except TooDeep:
+                    if strict:
+                        raise too_deep() from None
+                    return None
                 if payload is None:
                     if strict:
                         raise bad_request("invalid_json", "the request body must be a JSON object")
                     return None
                 self.payload = payload
-                found += body_tiers(payload, mw.tier_field, mw.model_field)
         elif not strict:
             return None
         elif (declared is not None and declared <= mw.max_body_bytes) or (
             declared is None and not chunked
         ):
             # Not JSON but small enough to hold: keep it so a failed call can be replayed.
-            first = await self.receive()
-            if not self.hold_whole(first, strict):
-                await self.buffer(first, strict)
+            await self.hold(strict)
         tier = found[0][1] if len(found) == 1 else agree(found)
         if tier is None:
             tier = self.policy.default_tier
             if tier is None and self.policy.require_tier:
                 raise bad_request("tier_required", "this route requires a tier", param="tier")
         return tier
+
+    async def hold(self, strict: bool) -> None:
+        """Read the body and hold it, all of it within `body_timeout` when one is set (else 408,
+        and the app is not called)."""
+        timeout = self.mw.body_timeout
+        if timeout is None:
+            first = await self.receive()
+            if not self.hold_whole(first, strict):
+                await self.buffer(first, strict)
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                first = await self.receive()
+                if not self.hold_whole(first, strict):
+                    await self.buffer(first, strict)
+        except TimeoutError:
+            self.complete = False
+            raise request_timeout(timeout) from None
 
     def hold_whole(self, first: Message, strict: bool) -> bool:
         """Hold a body that came whole in its first message (the common case, with no await);
@@ -167,6 +188,11 @@ class Request:
             self.complete = exc.complete
             return
         self.buffered = [self.body]
+
+    def close_after(self) -> Headers:
+        """For an answer of the middleware's own: `Connection: close` if the body was not read
+        to its end (see `close_unread`)."""
+        return close_unread(self.scope, self.complete and self.buffered is not None)
 
     async def receive_live(self) -> Message:
         # The server sends http.disconnect once; every later caller must see it too.
@@ -210,6 +236,27 @@ def by_name(headers: Any) -> dict[bytes, bytes] | None:
     except (TypeError, ValueError):
         pass
     return None
+
+
+def close_unread(scope: Scope, whole: bool) -> Headers:
+    """`Connection: close` on HTTP/1 for an answer sent before the request body was read to its
+    end (`whole`: it was): the rest may still be on its way, the connection cannot carry another
+    request, and a server left to read it (uvicorn's h11) would stall the client. HTTP/2 and 3
+    end a stream, not the connection, and forbid the header."""
+    if whole or scope.get("http_version", "1.1") not in ("1.1", "1.0"):
+        return []
+    return [(b"connection", b"close")] if declares_body(scope["headers"]) else []
+
+
+def declares_body(headers: Headers) -> bool:
+    """Whether the request headers announce a body (a non-zero length, or chunked)."""
+    for raw_name, value in headers:
+        name = raw_name.lower()
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length" and content_length(value) != 0:
+            return True
+    return False
 
 
 def content_length(value: bytes | None) -> int | None:

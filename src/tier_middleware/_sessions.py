@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ._config import TierConfig
 from ._router import Selection, TierRouter
 from ._stores.base import SessionRecord
 from ._types import Scope
@@ -43,6 +44,14 @@ class Decision:
     selection: Selection
     record: SessionRecord | None  # to write: created, upgraded or moved off a failing model
     upgraded_from: str | None = None
+
+
+def held_tier(config: TierConfig, record: SessionRecord | None, tier: str) -> str:
+    """The tier a session holds a request asking for `tier` at: the session's own when it is
+    higher (a session never goes down a tier), else `tier`."""
+    if record is None or record.tier not in config or record.tier == tier:
+        return tier
+    return record.tier if config.rank(record.tier) > config.rank(tier) else tier
 
 
 async def decide(

@@ -4,7 +4,8 @@
 `tick()`, which costs one clock call and a comparison until a refresh is due; then it starts one
 background refresh task. A refresh that fails keeps the last-known-good config (stale-if-error).
 With a `Store`, a fleet shares one copy of the config and a lock, so the control plane is asked
-about once per refresh period in total rather than once per instance.
+about once per refresh period in total rather than once per instance. Whatever the store raises,
+of any type, is a store failure: the refresh goes on without it.
 
 Refresh tasks are asyncio tasks: the manager needs an asyncio event loop.
 """
@@ -22,11 +23,12 @@ from types import TracebackType
 from typing import Any, Literal, NamedTuple, Self
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 import msgspec
 
 from ._config import ConfigError, TierConfig
-from ._stores.base import Store, StoreError
+from ._stores.base import Store
 
 logger = logging.getLogger("tier_middleware")
 
@@ -36,6 +38,7 @@ ConfigOrigin = Literal["static", "control_plane", "store", "fallback"]
 StaticSource = TierConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 LOCK_NAME = "config"
+FAILURE_HOLD = 0.9  # of the retry interval: how long a failed fetch keeps the fleet lock
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a tier table is a few KB; anything this big is not one
 
 
@@ -185,7 +188,8 @@ class ConfigManager:
     every time `current` takes a config with different content (the first remote config and an
     adopted fallback included); `on_refresh(result)` once per refresh attempt with "success"
     (fetched, new content), "unchanged" (nothing new), "error" (failed; last-known-good kept) or
-    "shared" (adopted the fleet's copy from the store).
+    "shared" (adopted the fleet's copy from the store); `on_store_error(backend, operation)` for
+    every failed call to the store.
     """
 
     def __init__(
@@ -198,6 +202,7 @@ class ConfigManager:
         wall_clock: Clock = time.time,
         on_change: Callable[[TierConfig], object] | None = None,
         on_refresh: Callable[[RefreshResult], object] | None = None,
+        on_store_error: Callable[[str, str], object] | None = None,
         refresh_ahead: float = 0.8,
         retry_interval: float | None = None,
     ) -> None:
@@ -208,6 +213,7 @@ class ConfigManager:
         self._store = store
         self._on_change = on_change
         self._on_refresh = on_refresh
+        self._on_store_error = on_store_error
         self._fallback = TierConfig.load(fallback) if fallback is not None else None
 
         self.current: TierConfig | None
@@ -240,8 +246,10 @@ class ConfigManager:
         self.retry_interval = float(retry_interval)
         self._refresh_after = refresh_ahead * ttl
         timeout = source.timeout if isinstance(source, ControlPlaneSource) else 0.0
-        # Another instance holds the fleet lock: its copy lands within its timeout (the lock TTL).
-        self._lock_retry = min(self.retry_interval, timeout + 1.0)
+        # A fetch holds the fleet lock at most this long; then its copy is there (or it failed).
+        self._lock_ttl = timeout + 1.0
+        # Another instance holds the fleet lock: look again after its fetch could have ended.
+        self._lock_retry = min(self.retry_interval, self._lock_ttl)
 
         self.loaded_at: float | None = None  # wall clock when `current` was fetched
         self.consecutive_failures = 0
@@ -388,7 +396,7 @@ class ConfigManager:
         if store is not None:
             try:
                 copy = self._parse_copy(await store.get_config())
-            except StoreError as exc:
+            except Exception as exc:
                 self._store_failed("get_config", exc)
                 store = None  # it is down: do not pay its timeout twice more
             else:
@@ -400,21 +408,29 @@ class ConfigManager:
                     self._recovered()
                     return "shared", self._refresh_after - age
             if store is not None:
+                # The lock decides who fetches: its holder is fetching now, or failed to and
+                # keeps it until its retry is due, so the fleet asks once per retry interval.
                 try:
-                    token = await store.try_lock(LOCK_NAME, ttl=remote.timeout + 1.0)
-                except StoreError as exc:
+                    token = await store.try_lock(LOCK_NAME, ttl=self._lock_ttl)
+                except Exception as exc:
                     self._store_failed("try_lock", exc)
                     can_put = False
                 else:
-                    if token is None:  # another instance is fetching right now
+                    if token is None:
                         if copy is not None:
                             self._adopt(copy.config, "store", copy.fetched_at)
                             return "shared", self._lock_retry
                         if self.current is not None:
                             return "unchanged", self._lock_retry
-                        # Nothing at all to serve: fetch ourselves rather than wait.
+                        # Nothing at all to serve: wait for the holder's copy, or the lock.
+                        token, shared = await self._await_holder(store)
+                        if shared is not None:
+                            return shared
+                        if token is None:
+                            return "unchanged", self._lock_retry
             else:
                 can_put = False
+        failed: FetchError | None = None
         try:
             if token is not None and store is not None:
                 # Another instance may have refreshed between our read and taking the lock.
@@ -424,29 +440,71 @@ class ConfigManager:
             try:
                 config, raw = await remote.fetch(self._client())
             except FetchError as exc:
+                failed = exc
                 self._failed(exc, copy)
                 return "error", self.retry_interval
             fetched_at = self._wall_clock()
             if can_put and self._store is not None:
                 try:
                     await self._store.put_config(raw, fetched_at)
-                except StoreError as exc:
+                except Exception as exc:
                     self._store_failed("put_config", exc)
         finally:
             if token is not None and self._store is not None:
-                try:
-                    await self._store.unlock(LOCK_NAME, token)
-                except StoreError as exc:
-                    self._store_failed("unlock", exc)
+                await self._release(self._store, token, failed)
         changed = self._adopt(config, "control_plane", fetched_at)
         self._recovered()
         return ("success" if changed else "unchanged"), self._refresh_after
+
+    async def _release(self, store: Store, token: str, failed: FetchError | None) -> None:
+        """Free the lock; after a failure of the control plane, keep it until just before this
+        instance's retry is due instead, so that no other instance asks meanwhile (and the next
+        fetch may be anyone's: one instance that cannot reach the control plane does not keep
+        the fleet from trying). A failure of this instance's own (its key is not set) frees it
+        at once: another may well succeed."""
+        hold = failed is not None and not (failed.kind == "auth" and failed.status_code is None)
+        try:
+            if hold:
+                await store.hold_lock(LOCK_NAME, token, FAILURE_HOLD * self.retry_interval)
+            else:
+                await store.unlock(LOCK_NAME, token)
+        except Exception as exc:
+            self._store_failed("hold_lock" if hold else "unlock", exc)
+
+    async def _await_holder(
+        self, store: Store
+    ) -> tuple[str | None, tuple[RefreshResult, float] | None]:
+        """With nothing to serve and the lock held: wait (at most the lock's TTL, real time)
+        for the copy its holder stores, or for the lock to be free, rather than ask the control
+        plane too. Returns (our lock token, None), (None, the result of adopting a copy), or
+        (None, None) when the lock is still held: its holder's fetch failed."""
+        pause = 0.05
+        with anyio.move_on_after(self._lock_ttl):
+            while True:
+                await anyio.sleep(pause)
+                pause = min(pause * 2, 0.25)
+                operation = "get_config"
+                try:
+                    copy = self._parse_copy(await store.get_config())
+                    if copy is None:
+                        operation = "try_lock"
+                        token = await store.try_lock(LOCK_NAME, self._lock_ttl)
+                        if token is not None:
+                            return token, None
+                except Exception as exc:
+                    self._store_failed(operation, exc)
+                    return None, None
+                if copy is not None:
+                    self._adopt(copy.config, "store", copy.fetched_at)
+                    age = max(0.0, self._wall_clock() - copy.fetched_at)
+                    return None, ("shared", max(self._refresh_after - age, self._lock_retry))
+        return None, None
 
     async def _fresh_copy(self, store: Store) -> tuple[RefreshResult, float] | None:
         """Adopt the shared copy if it is fresh; returns the refresh result, or None."""
         try:
             copy = self._parse_copy(await store.get_config())
-        except StoreError as exc:
+        except Exception as exc:
             self._store_failed("get_config", exc)
             return None
         if copy is None:
@@ -544,7 +602,12 @@ class ConfigManager:
         self.consecutive_failures = 0
         self.last_error = None
 
-    def _store_failed(self, operation: str, exc: StoreError) -> None:
+    def _store_failed(self, operation: str, exc: Exception) -> None:
+        if self._on_store_error is not None and self._store is not None:
+            try:
+                self._on_store_error(self._store.name, operation)
+            except Exception:
+                logger.exception("on_store_error callback failed")
         fields = {"store_operation": operation, "error": str(exc)[:300]}
         if not self._store_failing:
             self._store_failing = True

@@ -1,19 +1,26 @@
 """State the middleware keeps between requests: sessions, and health when it is fleet-wide.
 
+With a shared backend, each instance also keeps a bounded local copy of the sessions it read from
+or wrote to the backend, so that a session it has served keeps its model while the backend is
+unreachable. A session the instance writes only locally during such an outage is reconciled the
+first time the backend answers for it again: the backend's record wins, unless the local one is
+at a higher tier (a tier never goes down), which is then written back.
+
 A shared backend (Redis) must never fail or stall a request: every call is bounded by the
 backend's own timeout, an error switches to in-process state for a short cooldown (logged once,
-counted), and the backend is tried again by itself after that.
+counted), and the backend is tried again by itself after that. Whatever a backend raises, of any
+type, is such an error (cancellation is not an Exception, and propagates).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ._health import HealthTracker
 from ._router import Selection
-from ._stores import MemoryStore, SessionRecord, Store, StoreError
+from ._stores import MemoryStore, SessionRecord, Store
 
 logger = logging.getLogger("tier_middleware")
 
@@ -33,6 +40,7 @@ class State:
         cooldown: float = 1.0,
         on_backend_error: OnBackendError | None = None,
         wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.local = MemoryStore(max_sessions=max_sessions, clock=wall_clock)
         self.store = store  # None: everything in process
@@ -43,24 +51,27 @@ class State:
         self.cooldown = cooldown
         self.on_backend_error = on_backend_error
         self.wall_clock = wall_clock
-        self._down_until = 0.0  # monotonic; the store is skipped until then
+        self.clock = clock  # monotonic: the cooldown and the sync interval
+        self._down_until = 0.0  # the store is skipped until then
         self._failing = False  # inside a failure streak (logged once)
         self._synced_at = -float("inf")
-        # Written in process while the backend failed: reconciled once it answers again.
-        self._local_sessions = False
+        # Sessions written in process while the backend failed (key -> when, wall clock), in
+        # the order written: each is reconciled the next time the backend answers for it.
+        self._written_locally: dict[str, float] = {}
+        self.max_sessions = max_sessions
         self._pending_failures: set[tuple[str, str]] = set()
 
     # -- the backend's availability --------------------------------------------------------------
 
     def _usable(self) -> Store | None:
         store = self.store
-        if store is None or time.monotonic() < self._down_until:
+        if store is None or self.clock() < self._down_until:
             return None
         return store
 
-    def _failed(self, operation: str, exc: StoreError) -> None:
+    def _failed(self, operation: str, exc: Exception) -> None:
         assert self.store is not None
-        self._down_until = time.monotonic() + self.cooldown
+        self._down_until = self.clock() + self.cooldown
         if self.on_backend_error is not None:
             self.on_backend_error(self.store.name, operation)
         if not self._failing:
@@ -81,7 +92,9 @@ class State:
 
     # -- sessions ----------------------------------------------------------------------------------
 
-    async def load_session(self, key: str) -> SessionRecord | None:
+    async def load_session(self, key: str, ranks: Mapping[str, int]) -> SessionRecord | None:
+        """The session's record: the backend's when it answers (reconciled with the local copy,
+        `ranks` ordering the tiers), else the local copy."""
         store = self._usable()
         if store is not None:
             try:
@@ -90,44 +103,72 @@ class State:
                     await self._merge(store, snapshot)
                 else:
                     record = await store.get_session(key, self.session_ttl)
-            except StoreError as exc:
+            except Exception as exc:
                 self._failed("get_session", exc)
             else:
                 self._ok()
-                if self._local_sessions:
-                    record = await self._newer_local(key, record)
-                return record
+                return await self._reconcile(store, key, record, ranks)
         return await self.local.get_session(key, self.session_ttl)
 
-    async def _newer_local(self, key: str, record: SessionRecord | None) -> SessionRecord | None:
-        """A session moved in process during an outage is newer than the backend's copy: it
-        wins (a tier never goes back down) and is written back."""
-        local = await self.local.get_session(key, self.session_ttl)
-        if local is None or (record is not None and record.updated_at >= local.updated_at):
-            return record
-        await self.save_session(key, local)
-        return local
+    async def _reconcile(
+        self, store: Store, key: str, record: SessionRecord | None, ranks: Mapping[str, int]
+    ) -> SessionRecord | None:
+        """What the backend answered, kept as the local copy; or the local record where the
+        backend has none (it lost it, or never got it) or holds a lower tier than one reached
+        here during an outage, and then it is written back."""
+        local = self.local
+        ttl = self.session_ttl
+        written = self._written_locally
+        outage = bool(written) and written.pop(key, None) is not None
+        mine = await local.get_session(key, ttl) if record is None or outage else None
+        if mine is not None and (
+            record is None or (outage and ranks.get(mine.tier, -1) > ranks.get(record.tier, -1))
+        ):
+            try:
+                await store.put_session(key, mine, ttl)
+            except Exception as exc:
+                self._failed("put_session", exc)
+                self._wrote_locally(key)
+            return mine
+        if record is not None:
+            await local.put_session(key, record, ttl)
+        return record
 
     async def save_session(self, key: str, record: SessionRecord) -> None:
         store = self._usable()
         if store is not None:
             try:
                 await store.put_session(key, record, self.session_ttl)
-            except StoreError as exc:
+            except Exception as exc:
                 self._failed("put_session", exc)
             else:
                 self._ok()
+                await self.local.put_session(key, record, self.session_ttl)
                 return
         if self.store is not None:
-            self._local_sessions = True
+            self._wrote_locally(key)
         await self.local.put_session(key, record, self.session_ttl)
+
+    def _wrote_locally(self, key: str) -> None:
+        """Remember a session written only in process, to reconcile it with the backend later.
+        Bounded like the local copy: the oldest marks, and those past the session TTL, go."""
+        written = self._written_locally
+        now = self.wall_clock()
+        written.pop(key, None)
+        written[key] = now
+        horizon = now - self.session_ttl
+        while written:
+            oldest = next(iter(written))
+            if len(written) <= self.max_sessions and written[oldest] > horizon:
+                return
+            del written[oldest]
 
     async def session_count(self) -> int | None:
         if self.store is None:
             return await self.local.session_count()
         try:
             return await self.store.session_count()
-        except StoreError:
+        except Exception:
             return None
 
     # -- fleet-wide health -----------------------------------------------------------------------
@@ -135,7 +176,7 @@ class State:
     def _sync_due(self) -> bool:
         """Whether this request should read fleet health; claims the sync if so, so that the
         requests arriving while it is in flight do not read it again."""
-        now = time.monotonic()
+        now = self.clock()
         if now - self._synced_at < self.sync_interval:
             return False
         self._synced_at = now
@@ -167,7 +208,7 @@ class State:
                 merged[(provider, model)] = await store.record_failure(
                     provider, model, cfg, remaining, self.wall_clock(), started=0.0
                 )
-            except StoreError as exc:
+            except Exception as exc:
                 self._pending_failures |= pending
                 self._failed("record_failure", exc)
                 break
@@ -182,7 +223,7 @@ class State:
             return
         try:
             snapshot = await store.health_snapshot()
-        except StoreError as exc:
+        except Exception as exc:
             self._failed("health_snapshot", exc)
         else:
             self._ok()
@@ -216,7 +257,7 @@ class State:
                 started=None if started is None else started - offset,
             )
             await store.release_probe(sel.provider, sel.model)
-        except StoreError as exc:
+        except Exception as exc:
             self._pending_failures.add(sel.key)
             self._failed("record_failure", exc)
             return
@@ -246,7 +287,7 @@ class State:
         try:
             await store.record_success(sel.provider, sel.model)
             await store.release_probe(sel.provider, sel.model)
-        except StoreError as exc:
+        except Exception as exc:
             self._failed("record_success", exc)
 
     async def release(self, sel: Selection) -> None:
@@ -257,7 +298,7 @@ class State:
             return
         try:
             await store.release_probe(sel.provider, sel.model)
-        except StoreError as exc:
+        except Exception as exc:
             self._failed("release_probe", exc)
 
     async def probe_lease(self, provider: str, model: str) -> bool:
@@ -267,7 +308,7 @@ class State:
             return True  # without the fleet, each instance decides alone
         try:
             return await store.try_probe(provider, model, self.health.config.probe_timeout)
-        except StoreError as exc:
+        except Exception as exc:
             self._failed("try_probe", exc)
             return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import sys
 from dataclasses import dataclass
 
 import msgspec
@@ -39,7 +40,15 @@ class SessionRecord:
             provider, model, tier, created, updated = msgspec.json.decode(raw)
             if not all(isinstance(v, str) for v in (provider, model, tier)):
                 return None
-            return cls(provider, model, tier, float(created), float(updated))
+            # Interned: the names come from the config, and a local copy of every session an
+            # instance serves then holds one string per name, not three per session.
+            return cls(
+                sys.intern(provider),
+                sys.intern(model),
+                sys.intern(tier),
+                float(created),
+                float(updated),
+            )
         except (TypeError, ValueError, RecursionError):  # msgspec.DecodeError is a ValueError
             return None
 
@@ -90,6 +99,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def unlock(self, name: str, token: str) -> None:
         """Release a lock taken with `token` (a no-op if it expired or was taken over)."""
+
+    @abc.abstractmethod
+    async def hold_lock(self, name: str, token: str, ttl: float) -> bool:
+        """Keep a lock taken with `token` for `ttl` seconds from now instead of releasing it;
+        False (and nothing changed) if it expired or was taken over meanwhile."""
 
     # -- shared health --------------------------------------------------------------------------
 

@@ -120,6 +120,14 @@ class MemoryStore(Store):
         if held is not None and held[0] == token:
             del self._locks[name]
 
+    async def hold_lock(self, name: str, token: str, ttl: float) -> bool:
+        now = self.clock()
+        held = self._locks.get(name)
+        if held is None or held[0] != token or held[1] <= now:
+            return False
+        self._locks[name] = (token, now + ttl)
+        return True
+
     # -- health ---------------------------------------------------------------------------------
 
     async def health_snapshot(self) -> HealthSnapshot:

@@ -7,10 +7,17 @@ in-process state on a StoreError, so failing fast is the whole point; a broken c
 dropped and the next call opens a new one, which is how the store recovers by itself after a
 server restart.
 
+A redis-py client belongs to the event loop it first ran in (its sockets, its pool's locks), so
+the store keeps one client per running loop: an app built once and driven from several loops
+(Starlette's TestClient without a `with` block, successive `asyncio.run()` calls, a loop per
+thread) gets a client of its own in each. A client is closed in its own loop when that loop shuts
+down (`asyncio.run`, anyio, uvicorn: every runner finalizes async generators), quietly.
+
 Keys, under `prefix`:
   s:{key}                       a session: SessionRecord.dumps(), sliding TTL (PX)
   config                        hash {raw, fetched_at}; never expires
-  lock:{name}                   a lock token (SET NX PX; released by compare-and-delete)
+  lock:{name}                   a lock token (SET NX PX; released by compare-and-delete, held
+                                longer by compare-and-PEXPIRE)
   health                        hash {provider "\\n" model: "failures:until"}
   probe:{provider}\\n{model}      a half-open probe lease (SET NX PX)
 """
@@ -18,22 +25,23 @@ Keys, under `prefix`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import secrets
+import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
 
 from .._health import MAX_RETRY_AFTER, HealthConfig
 from .base import HealthSnapshot, SessionRecord, Store, StoreError
-
-_ERRORS = (RedisError, OSError, EOFError, asyncio.TimeoutError)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -102,19 +110,57 @@ end
 return 0
 """
 
+_HOLD_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 
 def _wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn every Redis or socket failure into StoreError (the original as __cause__)."""
+    """Turn every failure into StoreError (the original as __cause__): Redis and socket errors,
+    and anything else redis-py may raise (a RuntimeError from a loop it was not made for, say).
+    Cancellation is not a failure and propagates."""
     operation = fn.__name__
 
     @functools.wraps(fn)
     async def call(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
-        except _ERRORS as exc:
+        except Exception as exc:
             raise StoreError(f"redis {operation} failed: {type(exc).__name__}: {exc}") from exc
 
     return call
+
+
+class _LoopGone(Exception):
+    """Thrown into a client's closer when its loop was closed without finalizing it."""
+
+
+@dataclass(slots=True)
+class _Client:
+    """The redis-py client of one event loop, its scripts, and what closes it with the loop."""
+
+    loop: asyncio.AbstractEventLoop
+    redis: Redis
+    record_failure: AsyncScript
+    unlock: AsyncScript
+    hold_lock: AsyncScript
+    closer: AsyncGenerator[None, None]
+
+
+async def _close_with_loop(redis: Redis) -> AsyncGenerator[None, None]:
+    """Suspended for the life of a client; the loop's runner finalizes it at shutdown (as it
+    does every async generator), which closes the client in its own loop."""
+    try:
+        yield
+    except _LoopGone:
+        return  # nothing can run on a closed loop: its sockets go with the garbage collector
+    except GeneratorExit:
+        with contextlib.suppress(Exception):  # quietly: the server may be gone already
+            await redis.aclose()
+        raise
 
 
 def _ms(seconds: float) -> int:
@@ -172,7 +218,8 @@ class RedisStore(Store):
         # silent server even with socket_timeout=0.1) and only its from_url path defaults to
         # none. With 0 retries, retry_on_timeout/retry_on_error (e.g. from URL query options)
         # only widen which errors would be retried and add no attempt.
-        pool = BlockingConnectionPool.from_url(
+        self._new_pool = functools.partial(
+            BlockingConnectionPool.from_url,
             url,
             max_connections=max_connections,
             timeout=socket_timeout,
@@ -183,29 +230,71 @@ class RedisStore(Store):
             health_check_interval=0,
             decode_responses=False,
         )
-        self._redis: Redis = Redis.from_pool(pool)  # the client owns (and closes) the pool
+        # Built now so that a bad URL fails here; it opens nothing until the first command, and
+        # serves the first loop that asks.
+        self._spare: BlockingConnectionPool | None = self._new_pool()
+        self._current: _Client | None = None  # the last loop's: the one check of the hot path
+        self._clients: dict[asyncio.AbstractEventLoop, _Client] = {}
+        self._lock = threading.Lock()  # loops in several threads may open clients at once
         self._config_key = f"{prefix}config"
         self._health_key = f"{prefix}health"
-        self._record_failure = self._redis.register_script(_RECORD_FAILURE)
-        self._unlock = self._redis.register_script(_UNLOCK)
+
+    # -- one client per event loop ---------------------------------------------------------------
+
+    async def _client(self) -> _Client:
+        loop = asyncio.get_running_loop()
+        current = self._current
+        if current is not None and current.loop is loop:
+            return current
+        client = self._clients.get(loop)
+        if client is None:
+            client = await self._open(loop)
+        self._current = client
+        return client
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Client:
+        with self._lock:
+            pool, self._spare = self._spare or self._new_pool(), None
+            gone = [c for c in self._clients.values() if c.loop.is_closed()]
+            for old in gone:
+                del self._clients[old.loop]
+        for old in gone:
+            _abandon(old)
+        redis: Redis = Redis.from_pool(pool)  # the client owns (and closes) the pool
+        closer = _close_with_loop(redis)
+        await closer.asend(None)  # now the loop knows it, and finalizes it at shutdown
+        client = _Client(
+            loop,
+            redis,
+            redis.register_script(_RECORD_FAILURE),
+            redis.register_script(_UNLOCK),
+            redis.register_script(_HOLD_LOCK),
+            closer,
+        )
+        with self._lock:
+            self._clients[loop] = client
+        return client
 
     # -- sessions ------------------------------------------------------------------------------
 
     @_wrap
     async def get_session(self, key: str, ttl: float) -> SessionRecord | None:
-        raw = await self._redis.getex(f"{self.prefix}s:{key}", px=_ms(ttl))
+        redis = (await self._client()).redis
+        raw = await redis.getex(f"{self.prefix}s:{key}", px=_ms(ttl))
         return None if raw is None else SessionRecord.loads(raw)
 
     @_wrap
     async def put_session(self, key: str, record: SessionRecord, ttl: float) -> None:
-        await self._redis.set(f"{self.prefix}s:{key}", record.dumps(), px=_ms(ttl))
+        redis = (await self._client()).redis
+        await redis.set(f"{self.prefix}s:{key}", record.dumps(), px=_ms(ttl))
 
     @_wrap
     async def get_session_and_health(
         self, key: str, ttl: float
     ) -> tuple[SessionRecord | None, HealthSnapshot]:
         # One round trip: both commands go out in one write (no MULTI: nothing to make atomic).
-        async with self._redis.pipeline(transaction=False) as pipe:
+        redis = (await self._client()).redis
+        async with redis.pipeline(transaction=False) as pipe:
             pipe.getex(f"{self.prefix}s:{key}", px=_ms(ttl))
             pipe.hgetall(self._health_key)
             raw, fields = await pipe.execute()
@@ -216,7 +305,8 @@ class RedisStore(Store):
 
     @_wrap
     async def get_config(self) -> tuple[bytes, float] | None:
-        raw, fetched_at = await self._redis.hmget(self._config_key, ["raw", "fetched_at"])
+        redis = (await self._client()).redis
+        raw, fetched_at = await redis.hmget(self._config_key, ["raw", "fetched_at"])
         if raw is None or fetched_at is None:
             return None
         try:
@@ -227,25 +317,32 @@ class RedisStore(Store):
     @_wrap
     async def put_config(self, raw: bytes, fetched_at: float) -> None:
         # A hash without expiry: a TTL must never erase the last-known-good config.
-        await self._redis.hset(
-            self._config_key, mapping={"raw": raw, "fetched_at": _float(fetched_at)}
-        )
+        redis = (await self._client()).redis
+        await redis.hset(self._config_key, mapping={"raw": raw, "fetched_at": _float(fetched_at)})
 
     @_wrap
     async def try_lock(self, name: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
-        taken = await self._redis.set(f"{self.prefix}lock:{name}", token, nx=True, px=_ms(ttl))
+        redis = (await self._client()).redis
+        taken = await redis.set(f"{self.prefix}lock:{name}", token, nx=True, px=_ms(ttl))
         return token if taken else None
 
     @_wrap
     async def unlock(self, name: str, token: str) -> None:
-        await self._unlock(keys=[f"{self.prefix}lock:{name}"], args=[token])
+        unlock = (await self._client()).unlock
+        await unlock(keys=[f"{self.prefix}lock:{name}"], args=[token])
+
+    @_wrap
+    async def hold_lock(self, name: str, token: str, ttl: float) -> bool:
+        hold = (await self._client()).hold_lock
+        return bool(await hold(keys=[f"{self.prefix}lock:{name}"], args=[token, _ms(ttl)]))
 
     # -- health ---------------------------------------------------------------------------------
 
     @_wrap
     async def health_snapshot(self) -> HealthSnapshot:
-        return _snapshot(await self._redis.hgetall(self._health_key))
+        redis = (await self._client()).redis
+        return _snapshot(await redis.hgetall(self._health_key))
 
     @_wrap
     async def record_failure(
@@ -261,7 +358,8 @@ class RedisStore(Store):
     ) -> tuple[int, float]:
         if retry_after is None or not math.isfinite(retry_after) or retry_after <= 0:
             retry_after = -1.0
-        failures, until = await self._record_failure(
+        script = (await self._client()).record_failure
+        failures, until = await script(
             keys=[self._health_key],
             args=[
                 f"{provider}\n{model}",
@@ -280,25 +378,46 @@ class RedisStore(Store):
 
     @_wrap
     async def record_success(self, provider: str, model: str) -> None:
-        await self._redis.hdel(self._health_key, f"{provider}\n{model}")
+        redis = (await self._client()).redis
+        await redis.hdel(self._health_key, f"{provider}\n{model}")
 
     @_wrap
     async def try_probe(self, provider: str, model: str, ttl: float) -> bool:
         key = f"{self.prefix}probe:{provider}\n{model}"
-        return bool(await self._redis.set(key, b"1", nx=True, px=_ms(ttl)))
+        redis = (await self._client()).redis
+        return bool(await redis.set(key, b"1", nx=True, px=_ms(ttl)))
 
     @_wrap
     async def release_probe(self, provider: str, model: str) -> None:
-        await self._redis.delete(f"{self.prefix}probe:{provider}\n{model}")
+        redis = (await self._client()).redis
+        await redis.delete(f"{self.prefix}probe:{provider}\n{model}")
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._redis.ping())
-        except _ERRORS:
+            return bool(await (await self._client()).redis.ping())
+        except Exception:
             return False
 
-    @_wrap
     async def aclose(self) -> None:
-        await self._redis.aclose()
+        """Close every client: this loop's now, another running loop's in that loop, a closed
+        loop's is left to the garbage collector. The store opens a new one if used again."""
+        with self._lock:
+            clients, self._clients, self._current = list(self._clients.values()), {}, None
+        here = asyncio.get_running_loop()
+        for client in clients:
+            if client.loop is here:
+                await client.closer.aclose()
+            elif client.loop.is_closed():
+                _abandon(client)
+            else:
+                with contextlib.suppress(RuntimeError):  # it closed meanwhile
+                    asyncio.run_coroutine_threadsafe(client.closer.aclose(), client.loop)
+
+
+def _abandon(client: _Client) -> None:
+    """Finish the closer of a client whose loop is closed, without running anything on it (a
+    closer left suspended would make the garbage collector call into that closed loop)."""
+    with contextlib.suppress(StopIteration, StopAsyncIteration, RuntimeError):
+        client.closer.athrow(_LoopGone()).send(None)
