@@ -112,19 +112,9 @@ class TierRoutingMiddleware:
         if session_ttl <= 0:
             raise ValueError("session_ttl must be > 0")
         self.config_timeout = config_timeout
-        if attempt_timeout is not None and (
-            isinstance(attempt_timeout, bool)
-            or not isinstance(attempt_timeout, int | float)
-            or not math.isfinite(attempt_timeout)
-            or attempt_timeout <= 0
-        ):
-            raise ValueError(
-                f"attempt_timeout must be a positive number of seconds or None, "
-                f"got {attempt_timeout!r}"
-            )
         # How long an attempt may take to start its response (a stream, to its first byte).
-        self.attempt_timeout = attempt_timeout
-        self.timeouts = AttemptTimeouts(attempt_timeout) if attempt_timeout is not None else None
+        self.attempt_timeout = _seconds_or_none("attempt_timeout", attempt_timeout)
+        self.timeouts = AttemptTimeouts(self.attempt_timeout) if self.attempt_timeout else None
         self.identity = identity or default_identity
         self.authorize = authorize
         self.authorize_in_thread = authorize is not None and not _is_async_callable(authorize)
