@@ -33,7 +33,7 @@ from ._sources import ConfigManager, ControlPlaneSource
 from ._state import State
 from ._status import register_status_source
 from ._stores import store_from_url
-from ._timeouts import AttemptTimeouts
+from ._timeouts import Deadlines
 from ._tracing import TracedExchange, tracer_for
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -104,6 +104,7 @@ class TierRoutingMiddleware:
             raise ValueError("max_body_bytes must be >= 1")
         self.max_body_bytes = max_body_bytes
         self.body_timeout = _seconds_or_none("body_timeout", body_timeout)
+        self.body_deadlines = Deadlines(self.body_timeout) if self.body_timeout else None
         self.failure_statuses = frozenset(failure_statuses)
         low, high = retry_after_bounds
         if not 0 <= low <= high:
@@ -114,7 +115,7 @@ class TierRoutingMiddleware:
         self.config_timeout = config_timeout
         # How long an attempt may take to start its response (a stream, to its first byte).
         self.attempt_timeout = _seconds_or_none("attempt_timeout", attempt_timeout)
-        self.timeouts = AttemptTimeouts(self.attempt_timeout) if self.attempt_timeout else None
+        self.timeouts = Deadlines(self.attempt_timeout) if self.attempt_timeout else None
         self.identity = identity or default_identity
         self.authorize = authorize
         self.authorize_in_thread = authorize is not None and not _is_async_callable(authorize)
@@ -224,8 +225,9 @@ class TierRoutingMiddleware:
         if self.config_error is None:  # else no config manager was made
             await self.configs.aclose()
         await self.state.aclose()
-        if self.timeouts is not None:
-            await self.timeouts.aclose()
+        for deadlines in (self.timeouts, self.body_deadlines):
+            if deadlines is not None:
+                await deadlines.aclose()
 
     # -- ASGI ----------------------------------------------------------------------------------------
 

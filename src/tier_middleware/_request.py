@@ -3,7 +3,6 @@ failed call can be replayed to the app, and the tier the request names."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from ._body import BodyTooLarge, Payload, TooDeep, parse_object, read_body
@@ -145,20 +144,20 @@ class Request:
     async def hold(self, strict: bool) -> None:
         """Read the body and hold it, all of it within `body_timeout` when one is set (else 408,
         and the app is not called)."""
-        timeout = self.mw.body_timeout
-        if timeout is None:
+        deadlines = self.mw.body_deadlines
+        deadline = deadlines.start() if deadlines is not None else None
+        try:
             first = await self.receive()
             if not self.hold_whole(first, strict):
                 await self.buffer(first, strict)
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                first = await self.receive()
-                if not self.hold_whole(first, strict):
-                    await self.buffer(first, strict)
-        except TimeoutError:
+        except BaseException:
+            if deadline is None or not deadline.absorb():
+                raise
             self.complete = False
-            raise request_timeout(timeout) from None
+            raise request_timeout(self.mw.body_timeout or 0.0) from None
+        finally:
+            if deadline is not None:
+                deadline.settle()
 
     def hold_whole(self, first: Message, strict: bool) -> bool:
         """Hold a body that came whole in its first message (the common case, with no await);

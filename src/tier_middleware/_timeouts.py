@@ -1,10 +1,12 @@
-"""attempt_timeout: an attempt whose response has not started in time is cancelled.
+"""Deadlines of one duration (attempt_timeout, body_timeout) for the tasks of a middleware.
 
-One watchdog task serves every attempt of a middleware. All attempts get the same timeout, so
-deadlines in start order are already sorted: a deque is the whole schedule, and an attempt costs
-an append and a flag, where a timer per attempt (`asyncio.timeout`, `loop.call_at`) costs a
-timer-heap entry, several microseconds on the hot path. A deadline is settled at the response
-start (a stream is bounded only until its first byte); settled deadlines keep no task.
+One watchdog task serves every deadline of a `Deadlines`. All of them get the same duration, so
+deadlines in start order are already sorted: a deque is the whole schedule, and a deadline costs
+an append and a flag, where a timer each (`asyncio.timeout`, `loop.call_at`) costs a timer-heap
+entry, several microseconds on the hot path. A deadline is settled when what it bounds is done
+(an attempt's response start: a stream is bounded only until its first byte; a body read in
+full); settled deadlines keep no task. An expired one cancels its task, and `absorb` takes that
+cancellation back so the request can go on (to a retry, or an answer of our own).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class Deadline:
         return True
 
 
-class AttemptTimeouts:
+class Deadlines:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._queue: deque[Deadline] = deque()
@@ -47,7 +49,7 @@ class AttemptTimeouts:
         self._watcher: asyncio.Task[None] | None = None
 
     def start(self) -> Deadline | None:
-        """A deadline for the attempt the current task makes now; None outside asyncio."""
+        """A deadline for what the current task does now; None outside asyncio."""
         loop = _running_loop()
         task = asyncio.current_task(loop) if loop is not None else None
         if loop is None or task is None:
