@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -173,4 +174,41 @@ def test_the_watchdog_follows_the_event_loop_when_it_changes() -> None:
         assert response.status_code == 200
         assert response.headers["x-tier-model"] == "gemini-2.0-flash"
     assert provider.cancelled == provider.hits.count("gpt-4o-mini") == 1
+    assert not health.is_available("openai", "gpt-4o-mini")
+
+
+def test_loops_in_two_threads_at_once_each_enforce_their_own_deadlines() -> None:
+    """One app, driven from two threads with an event loop each, at the same time: each loop's
+    hung calls are cancelled by that loop's own watchdog, and every request is served."""
+    provider = Hanging()
+    app, health = stack(provider)
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    async def client(thread: int) -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://s") as c:
+            for n in range(6):
+                body = {
+                    "tier": "simple",
+                    "messages": [{"role": "user", "content": f"{thread}-{n}"}],
+                }
+                with anyio.fail_after(5):
+                    response = await c.post(CHAT, json=body)
+                results.setdefault(thread, []).append(response.status_code)
+
+    def run(thread: int) -> None:
+        try:
+            asyncio.run(client(thread))
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    assert results == {0: [200] * 6, 1: [200] * 6}
+    assert provider.cancelled == provider.hits.count("gpt-4o-mini") >= 1
     assert not health.is_available("openai", "gpt-4o-mini")

@@ -41,34 +41,18 @@ class Deadline:
         return True
 
 
-class Deadlines:
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._queue: deque[Deadline] = deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._watcher: asyncio.Task[None] | None = None
+class _Schedule:
+    """The deadlines of one event loop, in start order, and its watchdog task."""
 
-    def start(self) -> Deadline | None:
-        """A deadline for what the current task does now; None outside asyncio."""
-        loop = _running_loop()
-        task = asyncio.current_task(loop) if loop is not None else None
-        if loop is None or task is None:
-            return None
-        queue = self._queue
-        if loop is not self._loop:  # a new event loop: what the old one held is gone
-            queue.clear()
-            self._loop = loop
-            self._watcher = None
-        while queue and queue[0].task is None:  # settled at the front: nothing to watch
-            queue.popleft()
-        deadline = Deadline(time.monotonic() + self.timeout, task)
-        queue.append(deadline)
-        if self._watcher is None:
-            self._watcher = loop.create_task(self._watch())
-        return deadline
+    __slots__ = ("loop", "queue", "watcher")
 
-    async def _watch(self) -> None:
-        queue = self._queue
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: deque[Deadline] = deque()
+        self.watcher: asyncio.Task[None] | None = None
+
+    async def watch(self) -> None:
+        queue = self.queue
         try:
             while queue:
                 head = queue[0]
@@ -84,14 +68,59 @@ class Deadlines:
                 head.expired = True
                 task.cancel()
         finally:
-            if self._watcher is asyncio.current_task():
-                self._watcher = None
+            if self.watcher is asyncio.current_task():
+                self.watcher = None
+
+
+class Deadlines:
+    """Deadlines of `timeout` seconds. Each event loop gets a schedule of its own (an app built
+    once may be driven from several loops, in turn or in threads at once): a watchdog only ever
+    touches the tasks of its own loop."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._current: _Schedule | None = None  # the last loop's: the one check of the hot path
+        self._schedules: dict[asyncio.AbstractEventLoop, _Schedule] = {}
+
+    def start(self) -> Deadline | None:
+        """A deadline for what the current task does now; None outside asyncio."""
+        loop = _running_loop()
+        task = asyncio.current_task(loop) if loop is not None else None
+        if loop is None or task is None:
+            return None
+        schedule = self._current
+        if schedule is None or schedule.loop is not loop:
+            schedule = self._schedule(loop)
+        queue = schedule.queue
+        while queue and queue[0].task is None:  # settled at the front: nothing to watch
+            queue.popleft()
+        deadline = Deadline(time.monotonic() + self.timeout, task)
+        queue.append(deadline)
+        if schedule.watcher is None:
+            schedule.watcher = loop.create_task(schedule.watch())
+        return deadline
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> _Schedule:
+        schedules = self._schedules
+        schedule = schedules.get(loop)
+        if schedule is None:
+            for gone in [old for old in schedules if old.is_closed()]:
+                del schedules[gone]  # what a closed loop held is gone with it
+            schedule = schedules[loop] = _Schedule(loop)
+        self._current = schedule
+        return schedule
 
     async def aclose(self) -> None:
-        """Stop the watchdog (lifespan shutdown)."""
-        watcher, self._watcher = self._watcher, None
-        self._queue.clear()
-        if watcher is not None and not watcher.done() and watcher.get_loop() is _running_loop():
+        """Stop this loop's watchdog (lifespan shutdown)."""
+        loop = _running_loop()
+        schedule = self._schedules.pop(loop, None) if loop is not None else None
+        if self._current is schedule:
+            self._current = None
+        if schedule is None:
+            return
+        watcher, schedule.watcher = schedule.watcher, None
+        schedule.queue.clear()
+        if watcher is not None and not watcher.done():
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
