@@ -35,7 +35,6 @@ class Attempt:
     __slots__ = (
         "began",
         "body",
-        "calls",
         "can_retry",
         "deadline",
         "dropped",
@@ -69,7 +68,6 @@ class Attempt:
         self.began = 0.0  # on the health clock
         self.started_at = 0.0  # perf_counter, for the duration histogram
         # What the provider calls the app made through UpstreamTransport said (see `report`).
-        self.calls = 0
         self.upstream: Verdict | None = None  # the verdict on the last call
         self.upstream_retry_after: float | None = None
         self.recovered = False  # a call failed, and a later one (an SDK retry) succeeded
@@ -115,7 +113,6 @@ class Attempt:
         """The provider's own outcome of one call the app made (from `UpstreamTransport`): it
         decides this attempt's verdict instead of the app's answer. Cheap and bounded: a
         hundred calls keep one verdict, not a hundred records."""
-        self.calls += 1
         if verdict is Verdict.MODEL_FAILURE:
             self.upstream_retry_after = retry_after
             if self.started and not self.failed:
@@ -125,7 +122,8 @@ class Attempt:
         self.upstream = verdict
 
     def _judged(self, verdict: Verdict, retry_after: float | None) -> tuple[Verdict, float | None]:
-        """The verdict, once the provider's reports (if any) are taken into account."""
+        """The verdict, once the provider's reports (if any) are taken into account;
+        `retry_after` is the app's own (its response's or its exception's)."""
         upstream = self.upstream
         if upstream is None:
             return verdict, retry_after
@@ -233,7 +231,15 @@ class Attempt:
         verdict = judge_status(status, mw.failure_statuses)
         retry_after = None
         if verdict is Verdict.MODEL_FAILURE or self.upstream is not None:
-            verdict, retry_after = self._judged(verdict, retry_after_of(headers))
+            # The response's own Retry-After is read only where it can matter: not after a
+            # provider success or 4xx (the common case with UpstreamTransport).
+            upstream = self.upstream
+            own = (
+                retry_after_of(headers)
+                if upstream is None or upstream is Verdict.MODEL_FAILURE
+                else None
+            )
+            verdict, retry_after = self._judged(verdict, own)
         if verdict is Verdict.SUCCESS:
             self.recorded = True
             if ex.failures is None and not mw.state.shared_health:

@@ -236,7 +236,7 @@ class HealthTracker:
     def record_success(self, provider: str, model: str) -> None:
         state = self._states.pop((provider, model), None)
         if self._held:  # the model answered: what waited for agreement against it is moot
-            self._held.pop((provider, model), None)
+            self.evidence.clear((provider, model))
         if state is not None and state.until:
             self.version += 1
             logger.info(

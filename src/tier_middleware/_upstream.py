@@ -66,7 +66,8 @@ class UpstreamTransport:
         if attempt is None:
             return await inner.handle_async_request(request)  # not a routed request: untouched
         mw = attempt.exchange.mw
-        provider = mw.config.providers.get(attempt.selection.provider) if mw.config else None
+        config = mw.config
+        provider = config.providers.get(attempt.selection.provider) if config else None
         if provider is not None:
             try:
                 request = self._dispatched(request, provider, attempt.selection.model)
