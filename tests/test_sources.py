@@ -934,7 +934,7 @@ async def test_store_errors_never_fail_a_refresh(
     assert h.results == ["success", "success"]
     [warning] = warnings_of(caplog)  # one per store outage, not one per refresh
     assert "store unavailable" in warning.getMessage()
-    assert warning.__dict__["store_operation"] == "get_config"
+    assert warning.__dict__["operation"] == "get_config"
     # ... but every failed call is counted (the middleware's llm_backend_errors_total).
     assert store_errors == [("memory", "get_config"), ("memory", "get_config")]
 

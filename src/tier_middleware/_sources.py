@@ -28,6 +28,7 @@ import httpx
 import msgspec
 
 from ._config import ConfigError, TierConfig
+from ._outage import Outage
 from ._stores.base import Store
 
 logger = logging.getLogger("tier_middleware")
@@ -213,7 +214,6 @@ class ConfigManager:
         self._store = store
         self._on_change = on_change
         self._on_refresh = on_refresh
-        self._on_store_error = on_store_error
         self._fallback = TierConfig.load(fallback) if fallback is not None else None
 
         self.current: TierConfig | None
@@ -254,7 +254,11 @@ class ConfigManager:
         self.loaded_at: float | None = None  # wall clock when `current` was fetched
         self.consecutive_failures = 0
         self.last_error: str | None = None
-        self._store_failing = False
+        self._store_outage = Outage(
+            "store unavailable for the shared tier config; fetching directly",
+            "store available again for the shared tier config",
+            on_store_error,
+        )
         self._task: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
@@ -603,24 +607,12 @@ class ConfigManager:
         self.last_error = None
 
     def _store_failed(self, operation: str, exc: Exception) -> None:
-        if self._on_store_error is not None and self._store is not None:
-            try:
-                self._on_store_error(self._store.name, operation)
-            except Exception:
-                logger.exception("on_store_error callback failed")
-        fields = {"store_operation": operation, "error": str(exc)[:300]}
-        if not self._store_failing:
-            self._store_failing = True
-            logger.warning(
-                "store unavailable for the shared tier config; fetching directly", extra=fields
-            )
-        else:
-            logger.debug("store still unavailable for the shared tier config", extra=fields)
+        assert self._store is not None
+        self._store_outage.failed(self._store.name, operation, exc)
 
     def _store_ok(self) -> None:
-        if self._store_failing:
-            self._store_failing = False
-            logger.info("store available again for the shared tier config")
+        if self._store_outage.failing and self._store is not None:
+            self._store_outage.ok(self._store.name)
 
 
 def _static_name(source: StaticSource) -> str:

@@ -19,12 +19,11 @@ import time
 from collections.abc import Callable, Mapping
 
 from ._health import HealthTracker
+from ._outage import OnBackendError, Outage
 from ._router import Selection
 from ._stores import MemoryStore, SessionRecord, Store
 
 logger = logging.getLogger("tier_middleware")
-
-OnBackendError = Callable[[str, str], None]
 
 
 class State:
@@ -49,11 +48,14 @@ class State:
         self.session_ttl = session_ttl
         self.sync_interval = sync_interval
         self.cooldown = cooldown
-        self.on_backend_error = on_backend_error
         self.wall_clock = wall_clock
         self.clock = clock  # monotonic: the cooldown and the sync interval
         self._down_until = 0.0  # the store is skipped until then
-        self._failing = False  # inside a failure streak (logged once)
+        self.outage = Outage(
+            "state backend failing; using in-process state",
+            "state backend answering again",
+            on_backend_error,
+        )
         self._synced_at = -float("inf")
         # Sessions written in process while the backend failed (key -> when, wall clock), in
         # the order written: each is reconciled the next time the backend answers for it.
@@ -72,19 +74,11 @@ class State:
     def _failed(self, operation: str, exc: Exception) -> None:
         assert self.store is not None
         self._down_until = self.clock() + self.cooldown
-        if self.on_backend_error is not None:
-            self.on_backend_error(self.store.name, operation)
-        if not self._failing:
-            self._failing = True
-            logger.warning(
-                "state backend failing; using in-process state",
-                extra={"backend": self.store.name, "operation": operation, "error": str(exc)},
-            )
+        self.outage.failed(self.store.name, operation, exc)
 
     def _ok(self) -> None:
-        if self._failing:
-            self._failing = False
-            logger.info("state backend answering again", extra={"backend": self.store_name})
+        if self.outage.failing:
+            self.outage.ok(self.store_name)
 
     @property
     def store_name(self) -> str:
