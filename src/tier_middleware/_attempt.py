@@ -7,9 +7,10 @@ import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from ._asgi import by_name
 from ._attribution import Verdict, judge_exception, judge_status, retry_after_of
 from ._errors import retry_after_headers, service_unavailable
-from ._request import OWN_HEADERS, by_name
+from ._request import OWN_HEADERS
 from ._router import Selection, TierRouter
 from ._timeouts import Deadline
 from ._types import Headers, Message, Scope

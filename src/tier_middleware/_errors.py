@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from ._asgi import send_json
 from ._types import Headers, Send
 
 
@@ -36,15 +37,7 @@ class TierError(Exception):
         return msgspec.json.encode({"error": error})
 
     async def send(self, send: Send, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-        body = self.body()
-        headers: Headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            *self.headers,
-            *extra_headers,
-        ]
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, self.status, self.body(), (*self.headers, *extra_headers))
 
 
 def bad_request(code: str, message: str, param: str | None = None) -> TierError:

@@ -22,8 +22,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge, make_asgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from ._asgi import SmallApp
 from ._router import Selection, TierRouter
-from ._types import ASGIApp, SmallApp
+from ._types import ASGIApp
 
 logger = logging.getLogger("tier_middleware")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from ._asgi import close_unread
 from ._attempt import current_selection
 from ._budget import RetryBudget
 from ._config import ConfigError, TierConfig
@@ -25,7 +26,7 @@ from ._errors import service_unavailable
 from ._exchange import CONFIG_RETRY_AFTER, Exchange
 from ._health import HealthConfig, HealthTracker
 from ._metrics import Metrics
-from ._request import BODY_FRAMING, OWN_HEADERS, close_unread
+from ._request import BODY_FRAMING, OWN_HEADERS
 from ._router import TierRouter
 from ._routes import Routes, RouteTable
 from ._sessions import Identity, default_identity

@@ -3,8 +3,9 @@ failed call can be replayed to the app, and the tier the request names."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._asgi import by_name, close_unread, content_length, is_json
 from ._body import BodyTooLarge, Payload, TooDeep, parse_object, read_body
 from ._errors import TierError, bad_request, request_timeout, too_deep
 from ._extract import agree, body_tiers, header_tier
@@ -223,56 +224,7 @@ class Request:
     # -- choosing and calling -----------------------------------------------------------------
 
 
-def by_name(headers: Any) -> dict[bytes, bytes] | None:
-    """ASGI headers as a dict when every name is lowercase bytes and appears once (what servers
-    and frameworks send), so the common case needs no Python loop; None otherwise."""
-    if type(headers) is not list and type(headers) is not tuple:
-        return None
-    try:
-        named = dict(headers)
-        if len(named) == len(headers) and b"".join(named).islower():
-            return named
-    except (TypeError, ValueError):
-        pass
-    return None
-
-
-def close_unread(scope: Scope, whole: bool) -> Headers:
-    """`Connection: close` on HTTP/1 for an answer sent before the request body was read to its
-    end (`whole`: it was): the rest may still be on its way, the connection cannot carry another
-    request, and a server left to read it (uvicorn's h11) would stall the client. HTTP/2 and 3
-    end a stream, not the connection, and forbid the header."""
-    if whole or scope.get("http_version", "1.1") not in ("1.1", "1.0"):
-        return []
-    return [(b"connection", b"close")] if declares_body(scope["headers"]) else []
-
-
-def declares_body(headers: Headers) -> bool:
-    """Whether the request headers announce a body (a non-zero length, or chunked)."""
-    for raw_name, value in headers:
-        name = raw_name.lower()
-        if name == b"transfer-encoding":
-            return True
-        if name == b"content-length" and content_length(value) != 0:
-            return True
-    return False
-
-
-def content_length(value: bytes | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return None
-
-
 def too_large(limit: int) -> TierError:
     return TierError(
         413, "request_too_large", f"the request body exceeds the limit of {limit} bytes"
     )
-
-
-def is_json(content_type: bytes) -> bool:
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or media.endswith(b"+json")

@@ -13,13 +13,15 @@ from typing import Any, Protocol
 import anyio
 import msgspec
 
+from ._asgi import SmallApp, send_json
 from ._router import TierRouter
-from ._types import ASGIApp, Receive, Scope, Send, SmallApp
+from ._types import ASGIApp, Receive, Scope, Send
 
 logger = logging.getLogger("tier_middleware")
 
 # How long the page waits for one source's session count before showing null.
 SESSION_COUNT_TIMEOUT = 1.0
+_NO_STORE = (b"cache-control", b"no-store")
 
 
 class StatusSource(Protocol):
@@ -144,33 +146,15 @@ def status_app(*sources: StatusSource, session_timeout: float = SESSION_COUNT_TI
         method = scope.get("method", "GET")
         if method not in ("GET", "HEAD"):
             body = msgspec.json.encode({"error": f"method {method} not allowed; use GET"})
-            await _respond(send, 405, body, extra=[(b"allow", b"GET, HEAD")])
+            await send_json(send, 405, body, [_NO_STORE, (b"allow", b"GET, HEAD")])
             return
         document = await status_document(
             fixed or registered_status_sources(), session_timeout=session_timeout
         )
         body = msgspec.json.encode(document)
-        await _respond(send, 200, body, head=method == "HEAD")
+        await send_json(send, 200, body, [_NO_STORE], head=method == "HEAD")
 
     return SmallApp(app)
-
-
-async def _respond(
-    send: Send,
-    status: int,
-    body: bytes,
-    *,
-    head: bool = False,
-    extra: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *(extra or []),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 __all__ = [
