@@ -693,7 +693,7 @@ async def test_body_crossing_the_cap_in_its_last_chunk_passes_through_complete()
 def test_a_member_nested_past_the_decoder_reads_as_its_container_kind() -> None:
     import msgspec
 
-    from tier_middleware._body import Payload
+    from tier_middleware._payload import Payload
 
     deep = 50_000
     payload = Payload(

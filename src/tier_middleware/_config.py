@@ -21,14 +21,12 @@ from pydantic import (
     model_validator,
 )
 
+from ._errors import ConfigError
+
 DEFAULT_TIER_ORDER: tuple[str, ...] = ("simple", "moderate", "complex")
 _TIER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")  # an HTTP token
-
-
-class ConfigError(ValueError):
-    """A tier configuration that cannot be used; the message names source, tier, model and field."""
 
 
 def _alias(snake: str) -> AliasChoices:

@@ -1,4 +1,5 @@
-"""Errors the middleware answers itself: stable codes, one rendering (the OpenAI error shape)."""
+"""Every error of the package: one hierarchy under `TierMiddlewareError`, and the answers the
+middleware gives itself (stable codes, one rendering: the OpenAI error shape)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,39 @@ from ._asgi import send_json
 from ._types import Headers, Send
 
 
-class TierError(Exception):
+class TierMiddlewareError(Exception):
+    """Base class of every exception this package raises."""
+
+
+class ConfigError(TierMiddlewareError, ValueError):
+    """A tier configuration that cannot be used; the message names source, tier, model and field."""
+
+
+class RoutingError(TierMiddlewareError):
+    """Base class of the errors `TierRouter.select` raises."""
+
+
+class UnknownTierError(RoutingError):
+    def __init__(self, tier: str, valid_tiers: tuple[str, ...]) -> None:
+        self.tier = tier
+        self.valid_tiers = valid_tiers
+        shown = tier if len(tier) <= 64 else tier[:64] + "..."
+        super().__init__(f"unknown tier {shown!r}; valid tiers: {', '.join(valid_tiers)}")
+
+
+class NoHealthyModelError(RoutingError):
+    def __init__(self, tier: str, retry_after: float) -> None:
+        self.tier = tier
+        self.retry_after = retry_after
+        super().__init__(f"no healthy model for tier {tier!r}; retry in {math.ceil(retry_after)} s")
+
+
+# The names before 0.x; kept so that `except NoHealthyModel` goes on working.
+UnknownTier = UnknownTierError
+NoHealthyModel = NoHealthyModelError
+
+
+class RequestError(TierMiddlewareError):
     """A request the middleware answers itself instead of calling the app."""
 
     def __init__(
@@ -40,21 +73,60 @@ class TierError(Exception):
         await send_json(send, self.status, self.body(), (*self.headers, *extra_headers))
 
 
-def bad_request(code: str, message: str, param: str | None = None) -> TierError:
-    return TierError(400, code, message, param=param)
+# -- 4xx: the request's fault ----------------------------------------------------------------
 
 
-def too_deep() -> TierError:
+def bad_request(code: str, message: str, param: str | None = None) -> RequestError:
+    return RequestError(400, code, message, param=param)
+
+
+def invalid_tier(message: str) -> RequestError:
+    return bad_request("invalid_tier", message, param="tier")
+
+
+def conflicting_tier(message: str) -> RequestError:
+    return bad_request("conflicting_tier", message, param="tier")
+
+
+def tier_required() -> RequestError:
+    return bad_request("tier_required", "this route requires a tier", param="tier")
+
+
+def not_an_object() -> RequestError:
+    return bad_request("invalid_json", "the request body must be a JSON object")
+
+
+def too_deep() -> RequestError:
     return bad_request(
-        "invalid_json",
-        "the request body is nested deeper than the JSON parser goes",
+        "invalid_json", "the request body is nested deeper than the JSON parser goes"
     )
 
 
-def request_timeout(seconds: float) -> TierError:
-    return TierError(
+def invalid_session_id() -> RequestError:
+    return bad_request(
+        "invalid_session_id",
+        "the session id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-'",
+        param="session_id",
+    )
+
+
+def tier_not_allowed(message: str) -> RequestError:
+    return RequestError(403, "tier_not_allowed", message, param="tier")
+
+
+def request_timeout(seconds: float) -> RequestError:
+    return RequestError(
         408, "request_timeout", f"the request body did not arrive within {seconds:g} s"
     )
+
+
+def too_large(limit: int) -> RequestError:
+    return RequestError(
+        413, "request_too_large", f"the request body exceeds the limit of {limit} bytes"
+    )
+
+
+# -- 503: nothing can serve the request now -------------------------------------------------
 
 
 def retry_after_headers(seconds: float, bounds: tuple[int, int]) -> Headers:
@@ -75,8 +147,8 @@ def retry_after_headers(seconds: float, bounds: tuple[int, int]) -> Headers:
 
 def service_unavailable(
     code: str, message: str, retry_after: float, bounds: tuple[int, int]
-) -> TierError:
-    return TierError(
+) -> RequestError:
+    return RequestError(
         503,
         code,
         message,

@@ -11,12 +11,19 @@ from typing import TYPE_CHECKING, ClassVar
 import anyio.to_thread
 
 from ._attempt import Attempt, current_attempt
-from ._body import ClientGone, TooDeep
-from ._errors import TierError, bad_request, service_unavailable
-from ._extract import invalid_tier
+from ._errors import (
+    NoHealthyModelError,
+    RequestError,
+    invalid_session_id,
+    invalid_tier,
+    service_unavailable,
+    tier_not_allowed,
+    too_deep,
+)
 from ._health import Key
-from ._request import Request
-from ._router import NoHealthyModel, Selection, TierRouter
+from ._payload import TooDeep
+from ._request import ClientGone, Request
+from ._router import Selection, TierRouter
 from ._routes import RoutePolicy
 from ._sessions import Decision, decide, held_tier, session_key, valid_session_id
 from ._stores import SessionRecord
@@ -76,7 +83,7 @@ class Exchange(Request):
                     selection = router.select_now(tier)  # the common case: nothing to await
                 else:
                     key, decision, selection = await self._select(router)
-            except NoHealthyModel as exc:
+            except NoHealthyModelError as exc:
                 await self._unavailable(exc)
                 return
             mw.metrics.request(self.tier)
@@ -85,7 +92,7 @@ class Exchange(Request):
             served = await self._call_app(selection)
             if decision is not None and served is not None:
                 await self._save_session(key, decision, served)
-        except TierError as err:
+        except RequestError as err:
             await err.send(self.send, self.close_after())
         except ClientGone:
             return  # nobody is left to answer, and the app need not spend a model call
@@ -103,12 +110,9 @@ class Exchange(Request):
         allowed = self.policy.allowed_tiers
         if allowed is not None and tier not in allowed:
             what = f"this session is at tier {tier!r}, which" if held else f"tier {tier!r}"
-            raise TierError(
-                403,
-                "tier_not_allowed",
+            raise tier_not_allowed(
                 f"{what} is not allowed on this route; allowed: "
-                f"{', '.join(t for t in config.tier_order if t in allowed)}",
-                param="tier",
+                f"{', '.join(t for t in config.tier_order if t in allowed)}"
             )
         return tier
 
@@ -126,9 +130,7 @@ class Exchange(Request):
         if inspect.isawaitable(allowed):
             allowed = await allowed
         if not allowed:
-            raise TierError(
-                403, "tier_not_allowed", f"this caller may not use tier {tier!r}", param="tier"
-            )
+            raise tier_not_allowed(f"this caller may not use tier {tier!r}")
 
     async def _first_config(self) -> TierRouter:
         """Wait (up to `config_timeout`) for a first config from the control plane."""
@@ -154,12 +156,7 @@ class Exchange(Request):
         if self.session_raw is not None and mw.session_header is not None:
             session_id = valid_session_id(self.session_raw)
             if session_id is None:
-                raise bad_request(
-                    "invalid_session_id",
-                    "the session id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':' "
-                    "or '-'",
-                    param="session_id",
-                )
+                raise invalid_session_id()
             key = session_key(mw.identity(self.scope), session_id)
             record = await state.load_session(key, router.ranks)
             held = held_tier(router.config, record, self.tier)
@@ -173,7 +170,7 @@ class Exchange(Request):
         await state.sync_health()
         return "", None, await router.select(self.tier)
 
-    async def _unavailable(self, exc: NoHealthyModel) -> None:
+    async def _unavailable(self, exc: NoHealthyModelError) -> None:
         """The 503 short-circuit: no model of the tier can take the request now (the tier a
         session raised the request to, if it did)."""
         mw = self.mw
@@ -207,9 +204,7 @@ class Exchange(Request):
                     scope = attempt.scope(base_headers)
                 except TooDeep:
                     await attempt.release()
-                    raise bad_request(
-                        "invalid_json", "the request body is nested too deeply"
-                    ) from None
+                    raise too_deep() from None
                 metrics.selection(selection)
                 token = current_attempt.set(attempt)
                 attempt.begin()
@@ -351,7 +346,7 @@ class Exchange(Request):
             return None
         try:
             chosen = await mw.router.select(self.tier, exclude=self.tried)  # type: ignore[union-attr]
-        except NoHealthyModel:
+        except NoHealthyModelError:
             mw.budget.done()
             return None
         self.retries += 1

@@ -1,14 +1,23 @@
 """What the client sent: the headers the middleware reads, the body it holds back so that a
-failed call can be replayed to the app, and the tier the request names."""
+failed call can be replayed to the app, and the tier the request names (body field, header, or
+`model: "tier:<name>"`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._asgi import by_name, close_unread, content_length, is_json
-from ._body import BodyTooLarge, Payload, TooDeep, parse_object, read_body
-from ._errors import TierError, bad_request, request_timeout, too_deep
-from ._extract import agree, body_tiers, header_tier
+from ._errors import (
+    RequestError,
+    conflicting_tier,
+    invalid_tier,
+    not_an_object,
+    request_timeout,
+    tier_required,
+    too_deep,
+    too_large,
+)
+from ._payload import Payload, TooDeep, parse_object, repeated
 from ._routes import RoutePolicy
 from ._types import Headers, Message, Receive, Scope, Send
 
@@ -125,7 +134,7 @@ class Request:
                     return None
                 if payload is None:
                     if strict:
-                        raise bad_request("invalid_json", "the request body must be a JSON object")
+                        raise not_an_object()
                     return None
                 self.payload = payload
         elif not strict:
@@ -139,7 +148,7 @@ class Request:
         if tier is None:
             tier = self.policy.default_tier
             if tier is None and self.policy.require_tier:
-                raise bad_request("tier_required", "this route requires a tier", param="tier")
+                raise tier_required()
         return tier
 
     async def hold(self, strict: bool) -> None:
@@ -224,7 +233,130 @@ class Request:
     # -- choosing and calling -----------------------------------------------------------------
 
 
-def too_large(limit: int) -> TierError:
-    return TierError(
-        413, "request_too_large", f"the request body exceeds the limit of {limit} bytes"
+# -- the body ------------------------------------------------------------------------------------
+
+
+class BodyTooLarge(Exception):
+    """The body went past the cap; `chunks` holds what was read so it can still be replayed."""
+
+    def __init__(self, chunks: list[bytes], complete: bool) -> None:
+        super().__init__("request body too large")
+        self.chunks = chunks
+        self.complete = complete  # the chunk that crossed the cap was also the last one
+
+
+class ClientGone(Exception):
+    """The client disconnected before the body was complete."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """Read the whole body; BodyTooLarge past `limit` bytes, ClientGone on disconnect."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(chunks, complete=not message.get("more_body", False))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# -- the tier ------------------------------------------------------------------------------------
+
+MAX_TIER_LENGTH = 64
+MODEL_PREFIX = "tier:"
+
+
+def _shown(value: str) -> str:
+    return value if len(value) <= 40 else value[:40] + "..."
+
+
+def clean_tier(value: Any, source: str) -> str:
+    """Normalise one tier value (trim, lowercase) or raise 400 `invalid_tier`."""
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise invalid_tier(f"the tier in {source} must be a string, got {kind}")
+    if len(value) > MAX_TIER_LENGTH * 4:  # bound the work before stripping a huge string
+        raise invalid_tier(f"the tier in {source} is longer than {MAX_TIER_LENGTH} characters")
+    tier = value.strip().lower()
+    if not tier:
+        raise invalid_tier(f"the tier in {source} is empty")
+    if len(tier) > MAX_TIER_LENGTH:
+        raise invalid_tier(f"the tier in {source} is longer than {MAX_TIER_LENGTH} characters")
+    return tier
+
+
+def tier_from_model(model: Any) -> str | None:
+    """The tier named by `"model": "tier:<name>"`, or None for an ordinary model value."""
+    if isinstance(model, str) and model[:5].lower() == MODEL_PREFIX:
+        return clean_tier(model[5:], "model 'tier:<name>'")
+    return None
+
+
+def header_tier(raw: bytes) -> str:
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise invalid_tier("the tier header must be ASCII") from None
+    if not text.isprintable():
+        raise invalid_tier("the tier header contains control characters")
+    return clean_tier(text, "header")
+
+
+def agree(found: list[tuple[str, str]]) -> str | None:
+    """One tier from all sources that named one, or 400 `conflicting_tier` when they differ."""
+    if not found:
+        return None
+    tier = found[0][1]
+    for source, other in found[1:]:
+        if other != tier:
+            first = found[0][0]
+            raise conflicting_tier(
+                f"the tier in {first} ({_shown(tier)!r}) and in {source} ({_shown(other)!r}) differ"
+            )
+    return tier
+
+
+def body_tiers(
+    payload: Payload, body: bytes, tier_field: str, model_field: str
+) -> list[tuple[str, str]]:
+    """(source, tier) for the tier field and a `tier:` model of the body. A member named more
+    than once at the top level counts once per occurrence (`conflicting_tier` if they differ):
+    parsers disagree on which one wins, so the middleware does not pick one for the client."""
+    found = []
+    if tier_field in payload.members:
+        values = repeated(body, tier_field)
+        source = "body field '" + tier_field + "'"
+        if values is None:
+            found.append((source, clean_tier(payload.value(tier_field), "body")))
+        else:
+            tiers = {clean_tier(value, "body") for value in values}
+            if len(tiers) > 1:
+                raise _twice(tier_field, values)
+            found.append((source, tiers.pop()))
+    if model_field not in payload.members:
+        return found
+    values = repeated(body, model_field)
+    if values is not None:
+        named = [tier_from_model(value) for value in values]
+        if any(t is not None for t in named) and len({repr(v) for v in values}) > 1:
+            raise _twice(model_field, values)
+        model_tier = named[0]
+    else:
+        model_tier = tier_from_model(payload.value(model_field))
+    if model_tier is not None:
+        found.append(("model", model_tier))
+    return found
+
+
+def _twice(field: str, values: list[Any]) -> RequestError:
+    shown = ", ".join(repr(_shown(v) if isinstance(v, str) else v)[:60] for v in values[:3])
+    return conflicting_tier(
+        f"the body names {field!r} {len(values)} times, with different values ({shown})"
     )

@@ -10,29 +10,11 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from ._config import ModelConfig, TierConfig
+from ._errors import NoHealthyModelError, UnknownTierError
 from ._health import PROBE, HealthTracker, Key
 
 ProbeLease = Callable[[str, str], Awaitable[bool]]
 _NEVER = math.inf
-
-
-class RoutingError(Exception):
-    """Base class of the errors `TierRouter.select` raises."""
-
-
-class UnknownTier(RoutingError):
-    def __init__(self, tier: str, valid_tiers: tuple[str, ...]) -> None:
-        self.tier = tier
-        self.valid_tiers = valid_tiers
-        shown = tier if len(tier) <= 64 else tier[:64] + "..."
-        super().__init__(f"unknown tier {shown!r}; valid tiers: {', '.join(valid_tiers)}")
-
-
-class NoHealthyModel(RoutingError):
-    def __init__(self, tier: str, retry_after: float) -> None:
-        self.tier = tier
-        self.retry_after = retry_after
-        super().__init__(f"no healthy model for tier {tier!r}; retry in {math.ceil(retry_after)} s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +147,7 @@ class TierRouter:
                 continue  # another instance probes it; our slot stays taken meanwhile
             if granted:
                 return chosen
-        raise NoHealthyModel(tier, self._retry_after(tier, exclude))
+        raise NoHealthyModelError(tier, self._retry_after(tier, exclude))
 
     def select_now(
         self,
@@ -179,7 +161,7 @@ class TierRouter:
             chosen, granted = self._draw(tier, preferred_provider, exclude)
             if granted:
                 return chosen
-        raise NoHealthyModel(tier, self._retry_after(tier, exclude))
+        raise NoHealthyModelError(tier, self._retry_after(tier, exclude))
 
     async def pin(self, tier: str, provider: str, model: str) -> Selection | None:
         """The selection of exactly this model when it serves `tier` and may take a request."""
@@ -195,7 +177,7 @@ class TierRouter:
         self, tier: str, preferred_provider: str | None, exclude: Collection[Key]
     ) -> tuple[Selection, int]:
         if tier not in self._ranks:
-            raise UnknownTier(tier, self._config.tier_order)
+            raise UnknownTierError(tier, self._config.tier_order)
         health = self.health
         pool = self._pools.get(tier)
         if (
@@ -206,7 +188,7 @@ class TierRouter:
         ):
             pool = self._pools[tier] = self._build(tier)
         if not pool.choices:
-            raise NoHealthyModel(tier, self._retry_after(tier, exclude))
+            raise NoHealthyModelError(tier, self._retry_after(tier, exclude))
         chosen = None
         if preferred_provider is not None:
             preferred = pool.provider_pool(preferred_provider)
@@ -215,13 +197,13 @@ class TierRouter:
         if chosen is None:
             chosen = pool.pick(self._rng, exclude)
             if chosen is None:
-                raise NoHealthyModel(tier, self._retry_after(tier, exclude))
+                raise NoHealthyModelError(tier, self._retry_after(tier, exclude))
         return chosen, health.acquire(chosen.provider, chosen.model)
 
     def probabilities(self, tier: str) -> dict[Key, float]:
         """The chance of each model of `tier` being drawn now (0 for those in backoff)."""
         if tier not in self._ranks:
-            raise UnknownTier(tier, self._config.tier_order)
+            raise UnknownTierError(tier, self._config.tier_order)
         pool = self._build(tier)
         weights = {c.key: c.config.effective_weight / pool.total for c in pool.choices}
         return {m.key: weights.get(m.key, 0.0) for m in self._config.models(tier)}

@@ -64,7 +64,7 @@ async def decide(
       same provider;
     - a lower tier: keep the session's tier and model (never downgrade);
     - a higher tier: select in the new tier preferring the session's provider.
-    Raises what `router.select` raises (NoHealthyModel).
+    Raises what `router.select` raises (NoHealthyModelError).
     """
     config = router.config
     if record is None or record.tier not in config:

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._attempt import Attempt
 from ._attribution import Verdict
+from ._errors import NoHealthyModelError
 from ._exchange import Exchange
-from ._router import NoHealthyModel, Selection, TierRouter
+from ._router import Selection, TierRouter
 from ._sessions import Decision
 from ._types import Message
 
@@ -168,7 +169,7 @@ class TracedExchange(Exchange):
             self.upgraded_from = decision.upgraded_from
         return key, decision, selection
 
-    async def _unavailable(self, exc: NoHealthyModel) -> None:
+    async def _unavailable(self, exc: NoHealthyModelError) -> None:
         self.unavailable = True
         await super()._unavailable(exc)
 

@@ -26,8 +26,8 @@ import msgspec
 
 from ._attempt import Attempt, current_attempt
 from ._attribution import Verdict, parse_retry_after
-from ._body import TooDeep, parse_object
 from ._config import ProviderConfig
+from ._payload import TooDeep, parse_object
 
 logger = logging.getLogger("tier_middleware")
 

@@ -1,4 +1,4 @@
-"""Request bodies: buffering under a cap, parsing JSON once, serialising the rewrite."""
+"""A JSON request body: parsed once (its top level only), read, and written back rewritten."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import re
 from typing import Any
 
 import msgspec
-
-from ._types import Receive
 
 # Only the top level of a body is decoded: each member's value stays the exact bytes the client
 # sent (msgspec validates them while skipping). Nothing nested is turned into Python objects, so
@@ -22,39 +20,8 @@ _encode = msgspec.json.Encoder().encode
 _string_cache: dict[str, msgspec.Raw] = {}
 
 
-class BodyTooLarge(Exception):
-    """The body went past the cap; `chunks` holds what was read so it can still be replayed."""
-
-    def __init__(self, chunks: list[bytes], complete: bool) -> None:
-        super().__init__("request body too large")
-        self.chunks = chunks
-        self.complete = complete  # the chunk that crossed the cap was also the last one
-
-
 class TooDeep(Exception):
     """A JSON body nested too deeply to be written back."""
-
-
-class ClientGone(Exception):
-    """The client disconnected before the body was complete."""
-
-
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """Read the whole body; BodyTooLarge past `limit` bytes, ClientGone on disconnect."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        if chunk:
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(chunks, complete=not message.get("more_body", False))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class Payload:
