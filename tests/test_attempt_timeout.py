@@ -27,7 +27,7 @@ from starlette.routing import Route
 from _clock import FakeClock
 from configs import real_names
 from llm_provider import CHAT, FakeProvider, sdk_app
-from tier_middleware import HealthConfig, HealthTracker, TierRoutingMiddleware
+from tier_middleware import HealthConfig, HealthTracker, RetryConfig, TierRoutingMiddleware
 
 pytestmark = pytest.mark.anyio
 
@@ -60,7 +60,7 @@ def stack(provider: FakeProvider, **options: Any) -> tuple[Any, HealthTracker]:
         config=real_names(),
         health=health,
         rng=random.Random(1),
-        attempt_timeout=0.2,
+        retries=RetryConfig(attempt_timeout=0.2),
         **options,
     )
     return app, health
@@ -99,7 +99,13 @@ async def test_when_the_only_model_hangs_the_client_gets_a_503() -> None:
         {"provider": "openai", "model": "gpt-4o-mini", "relative_cost": 1}
     ]
     health = HealthTracker(HealthConfig(), clock=FakeClock())
-    app = sdk_app("starlette", provider, config=config, health=health, attempt_timeout=0.2)
+    app = sdk_app(
+        "starlette",
+        provider,
+        config=config,
+        health=health,
+        retries=RetryConfig(attempt_timeout=0.2),
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as c:
         with anyio.fail_after(5):
             response = await c.post(CHAT, json={"tier": "moderate", "messages": MESSAGES})
@@ -124,7 +130,10 @@ async def test_a_stream_is_bounded_only_until_its_first_byte() -> None:
 
     app = Starlette(routes=[Route(CHAT, slow_stream, methods=["POST"])])
     app.add_middleware(
-        TierRoutingMiddleware, config=real_names(), routes=[CHAT], attempt_timeout=0.2
+        TierRoutingMiddleware,
+        config=real_names(),
+        routes=[CHAT],
+        retries=RetryConfig(attempt_timeout=0.2),
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as c:
         with anyio.fail_after(5):
@@ -140,7 +149,10 @@ async def test_none_disables_the_timeout() -> None:
 
     app = Starlette(routes=[Route(CHAT, slow, methods=["POST"])])
     app.add_middleware(
-        TierRoutingMiddleware, config=real_names(), routes=[CHAT], attempt_timeout=None
+        TierRoutingMiddleware,
+        config=real_names(),
+        routes=[CHAT],
+        retries=RetryConfig(attempt_timeout=None),
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as c:
         response = await c.post(CHAT, json={"tier": "simple", "messages": MESSAGES})
@@ -153,7 +165,7 @@ def test_an_attempt_timeout_that_is_not_a_positive_number_is_refused(bad: Any) -
         pass
 
     with pytest.raises((TypeError, ValueError), match="attempt_timeout"):
-        TierRoutingMiddleware(app, config=real_names(), attempt_timeout=bad)
+        TierRoutingMiddleware(app, config=real_names(), retries=RetryConfig(attempt_timeout=bad))
 
 
 def test_the_watchdog_follows_the_event_loop_when_it_changes() -> None:

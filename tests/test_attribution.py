@@ -33,7 +33,7 @@ from tier_middleware._attribution import (
     status_of,
     unreachable,
 )
-from tier_middleware._middleware import DEFAULT_FAILURE_STATUSES
+from tier_middleware._options import DEFAULT_FAILURE_STATUSES
 
 FAILURES = DEFAULT_FAILURE_STATUSES
 CONFIG = TierConfig.load(weighted())

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from asgi_harness import Message, Provider, Result, http_scope
 from configs import two_per_tier
 from servers import serve
-from tier_middleware import TierRoutingMiddleware
+from tier_middleware import RequestLimits, TierRoutingMiddleware
 
 pytestmark = pytest.mark.anyio
 
@@ -92,7 +92,9 @@ def assert_timed_out(result: Result) -> None:
 async def test_a_stalled_body_is_a_408_and_the_app_is_not_called(chunks: list[bytes]) -> None:
     provider = Provider()
     started = time.monotonic()
-    result = await drive(middleware(provider, body_timeout=TIMEOUT), Trickle(chunks))
+    result = await drive(
+        middleware(provider, limits=RequestLimits(body_timeout=TIMEOUT)), Trickle(chunks)
+    )
     assert_timed_out(result)
     assert TIMEOUT <= time.monotonic() - started < TIMEOUT + 0.5
     assert provider.calls == []
@@ -102,21 +104,23 @@ async def test_the_deadline_covers_the_whole_body_not_each_read() -> None:
     """A byte every 50 ms never waits long, and still takes longer than the timeout."""
     provider = Provider()
     client = Trickle([BODY[i : i + 1] for i in range(len(BODY))], gap=0.05, stall=False)
-    assert_timed_out(await drive(middleware(provider, body_timeout=TIMEOUT), client))
+    assert_timed_out(
+        await drive(middleware(provider, limits=RequestLimits(body_timeout=TIMEOUT)), client)
+    )
     assert provider.calls == []
 
 
 async def test_a_body_in_time_is_routed() -> None:
     provider = Provider()
     client = Trickle([BODY[:20], BODY[20:40], BODY[40:]], gap=0.02, stall=False)
-    result = await drive(middleware(provider, body_timeout=TIMEOUT), client)
+    result = await drive(middleware(provider, limits=RequestLimits(body_timeout=TIMEOUT)), client)
     assert result.status == 200
     assert json.loads(provider.calls[0]["body"])["model"] in {"mini", "haiku"}
 
 
 async def test_a_small_non_json_body_the_middleware_holds_is_bounded_too() -> None:
     provider = Provider()
-    mw = middleware(provider, body_timeout=TIMEOUT)
+    mw = middleware(provider, limits=RequestLimits(body_timeout=TIMEOUT))
     headers = [("content-type", "audio/wav"), ("content-length", "100"), ("x-tier", "simple")]
     scope = http_scope(ROUTE, headers)
     client = Trickle([b"RIFF"])
@@ -128,7 +132,7 @@ async def test_a_small_non_json_body_the_middleware_holds_is_bounded_too() -> No
 
 async def test_with_every_path_routed_a_json_body_the_middleware_reads_is_bounded() -> None:
     provider = Provider()
-    mw = middleware(provider, routes=None, body_timeout=TIMEOUT)
+    mw = middleware(provider, routes=None, limits=RequestLimits(body_timeout=TIMEOUT))
     assert_timed_out(await drive(mw, Trickle([BODY[:10]])))
     assert provider.calls == []
 
@@ -149,18 +153,18 @@ async def test_without_body_timeout_the_middleware_waits_for_the_body() -> None:
 )
 def test_body_timeout_must_be_positive_and_finite(value: float) -> None:
     with pytest.raises(ValueError, match="body_timeout must be a positive, finite number"):
-        middleware(Provider(), body_timeout=value)
+        middleware(Provider(), limits=RequestLimits(body_timeout=value))
 
 
 @pytest.mark.parametrize("value", [True, "5", [1]], ids=repr)
 def test_body_timeout_must_be_a_number(value: Any) -> None:
     with pytest.raises(TypeError, match="body_timeout must be a number of seconds or None"):
-        middleware(Provider(), body_timeout=value)
+        middleware(Provider(), limits=RequestLimits(body_timeout=value))
 
 
 @pytest.mark.parametrize("value", [None, 1, 0.25, 30.0])
 def test_body_timeout_accepts_none_and_positive_numbers(value: float | None) -> None:
-    mw = middleware(Provider(), body_timeout=value)
+    mw = middleware(Provider(), limits=RequestLimits(body_timeout=value))
     assert mw.body_timeout == (None if value is None else float(value))
 
 
@@ -175,7 +179,10 @@ def starlette_app(calls: list[str]) -> Starlette:
 
     app = Starlette(routes=[Route(ROUTE, chat, methods=["POST"])])
     app.add_middleware(
-        TierRoutingMiddleware, config=two_per_tier(), routes=[ROUTE], body_timeout=TIMEOUT
+        TierRoutingMiddleware,
+        config=two_per_tier(),
+        routes=[ROUTE],
+        limits=RequestLimits(body_timeout=TIMEOUT),
     )
     return app
 

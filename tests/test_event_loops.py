@@ -29,7 +29,7 @@ from starlette.testclient import TestClient
 from asgi_harness import call
 from configs import two_per_tier
 from redis_server import RedisServer
-from tier_middleware import TierRoutingMiddleware
+from tier_middleware import RequestLimits, TierRoutingMiddleware
 from tier_middleware._stores import MemoryStore, RedisStore, SessionRecord, StoreError
 
 CHAT = "/v1/chat/completions"
@@ -286,7 +286,7 @@ def test_successive_event_loops_under_load_while_redis_fails_fail_and_hang_nothi
         redis_url=black_hole.url if fault == "black_hole" else server.url,
         shared_health=True,
         authorize=allow_all_but_complex_for_strangers,
-        body_timeout=5.0,
+        limits=RequestLimits(body_timeout=5.0),
         registry=registry,
     )
     models: dict[str, set[str]] = {}

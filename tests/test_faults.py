@@ -34,7 +34,13 @@ from asgi_harness import Client, Result, call, http_scope
 from configs import two_per_tier
 from control_plane import ControlPlane
 from redis_server import Partition, RedisServer
-from tier_middleware import ControlPlaneSource, HealthConfig, HealthTracker, TierRoutingMiddleware
+from tier_middleware import (
+    ControlPlaneSource,
+    HealthConfig,
+    HealthTracker,
+    RetryConfig,
+    TierRoutingMiddleware,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults]
 
@@ -205,7 +211,7 @@ async def test_random_provider_failures_are_retried_once_and_every_count_reconci
         # With max_attempts=2 a request holds at most one retry, so retries in flight can never
         # exceed routed requests in flight: a ratio of 1.0 never binds, and this run measures
         # the retry rule itself rather than the budget.
-        retry_budget=1.0,
+        retries=RetryConfig(budget=1.0),
         registry=registry,
         rng=random.Random(99),
     )
@@ -925,7 +931,12 @@ async def test_mixed_app_errors_and_disconnects_under_load_count_only_real_failu
     cfg = HealthConfig(failure_threshold=10**6, unconfirmed_threshold=1)
     health = CountingTracker(cfg, clock=FakeClock())
     mw = TierRoutingMiddleware(
-        app, config=CONFIG, routes=[ROUTE], health=health, retry_budget=1.0, registry=registry
+        app,
+        config=CONFIG,
+        routes=[ROUTE],
+        health=health,
+        retries=RetryConfig(budget=1.0),
+        registry=registry,
     )
     raised: dict[int, BaseException] = {}
     clients: dict[int, LeavingClient] = {}

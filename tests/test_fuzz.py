@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from asgi_harness import Client, Provider, http_scope
 from configs import weighted
-from tier_middleware import RoutePolicy, TierRoutingMiddleware
+from tier_middleware import RequestLimits, RoutePolicy, TierRoutingMiddleware
 
 CONFIG = weighted()
 CODES = {
@@ -157,7 +157,10 @@ def test_no_input_makes_the_middleware_fail(
 ) -> None:
     provider = Provider()
     mw = TierRoutingMiddleware(
-        provider, config=CONFIG, routes=None if routes_none else ROUTES, max_body_bytes=4096
+        provider,
+        config=CONFIG,
+        routes=None if routes_none else ROUTES,
+        limits=RequestLimits(max_body_bytes=4096),
     )
     headers = []
     if content_type is not None:

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from asgi_harness import Provider, call
 from configs import two_per_tier
 from servers import serve
-from tier_middleware import TierRoutingMiddleware
+from tier_middleware import RequestLimits, TierRoutingMiddleware
 
 pytestmark = pytest.mark.anyio
 
@@ -195,7 +195,7 @@ def post(port: int, *, expect: bool = False, write_body: bool = False) -> bytes 
 
 @pytest.mark.parametrize("http", ["h11", "httptools"])
 async def test_a_413_before_the_body_is_read_closes_the_connection(http: str) -> None:
-    app, received = echo_app(routes=[ROUTE], max_body_bytes=LIMIT)
+    app, received = echo_app(routes=[ROUTE], limits=RequestLimits(max_body_bytes=LIMIT))
     async with serve(app, http=http) as url:
         port = int(url.rsplit(":", 1)[1])
         for expect in (True, False):  # with Expect: 100-continue the body is never sent

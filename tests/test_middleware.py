@@ -17,6 +17,8 @@ from configs import weighted
 from tier_middleware import (
     HealthConfig,
     HealthTracker,
+    RequestLimits,
+    RetryConfig,
     RoutePolicy,
     TierConfig,
     TierRoutingMiddleware,
@@ -319,7 +321,7 @@ async def test_disconnect_during_the_body_calls_no_app_and_sends_nothing() -> No
 
 
 async def test_body_over_the_cap_is_413_with_or_without_content_length() -> None:
-    mw, provider = make(max_body_bytes=100)
+    mw, provider = make(limits=RequestLimits(max_body_bytes=100))
     big = chat(tier="simple", pad="x" * 200)
     declared = await call(
         mw, big, headers=[("content-type", "application/json"), ("content-length", str(len(big)))]
@@ -332,7 +334,7 @@ async def test_body_over_the_cap_is_413_with_or_without_content_length() -> None
 
 
 async def test_body_over_the_cap_passes_through_whole_when_not_ours() -> None:
-    mw, provider = make(routes=None, max_body_bytes=100)
+    mw, provider = make(routes=None, limits=RequestLimits(max_body_bytes=100))
     big = b'{"pad": "' + b"x" * 300 + b'"}'
     await call(mw, [big[:50], big[50:150], big[150:]], path="/upload")
     assert provider.calls[0]["body"] == big
@@ -572,7 +574,7 @@ async def test_retry_after_is_clamped_and_configurable() -> None:
     mw, _ = make(clock=clock)
     mw.health.record_failure("openai", "4o", retry_after=900)
     assert (await call(mw, chat(tier="moderate"))).headers["retry-after"] == "60"
-    wide, _ = make(clock=clock, retry_after_bounds=(5, 120))
+    wide, _ = make(clock=clock, retries=RetryConfig(retry_after_bounds=(5, 120)))
     wide.health.record_failure("openai", "4o", retry_after=900)
     result = await call(wide, chat(tier="moderate"))
     assert (result.headers["retry-after"], result.headers["retry-after-ms"]) == ("120", "120000")
@@ -684,7 +686,7 @@ async def test_utf8_text_in_nested_strings_reaches_the_app_unchanged() -> None:
 
 
 async def test_body_crossing_the_cap_in_its_last_chunk_passes_through_complete() -> None:
-    mw, provider = make(routes=None, max_body_bytes=100)
+    mw, provider = make(routes=None, limits=RequestLimits(max_body_bytes=100))
     big = b'{"pad": "' + b"x" * 150 + b'"}'
     await call(mw, [big[:60], big[60:]], path="/upload")  # the second chunk crosses and ends
     assert provider.calls[0]["body"] == big

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from asgi_harness import call
-from tier_middleware import HealthConfig, TierRoutingMiddleware
+from tier_middleware import HealthConfig, RetryConfig, TierRoutingMiddleware
 from tier_middleware._budget import RetryBudget
 
 pytestmark = pytest.mark.anyio
@@ -84,9 +84,9 @@ async def test_retries_in_flight_are_capped_and_the_rest_get_the_failure_as_it_c
 
 
 async def test_the_budget_is_configurable() -> None:
-    _, app, _, _ = await burst(retry_budget=0.0, retry_budget_min=1)
+    _, app, _, _ = await burst(retries=RetryConfig(budget=0.0, budget_min=1))
     assert app.calls.count("slow") == 1
-    unlimited, app, _, _ = await burst(retry_budget=10.0)
+    unlimited, app, _, _ = await burst(retries=RetryConfig(budget=10.0))
     assert app.calls.count("slow") == 10
     assert all(r.status == 200 for r in unlimited)
 

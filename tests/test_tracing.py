@@ -35,7 +35,13 @@ from _clock import FakeClock
 from configs import real_names
 from llm_provider import CHAT, FakeProvider, poison
 from samples import scrape, value
-from tier_middleware import HealthConfig, HealthTracker, TierRoutingMiddleware, UpstreamTransport
+from tier_middleware import (
+    HealthConfig,
+    HealthTracker,
+    RetryConfig,
+    TierRoutingMiddleware,
+    UpstreamTransport,
+)
 from tier_middleware._exchange import Exchange
 from tier_middleware._tracing import SCHEMA_URL, TracedExchange
 
@@ -502,7 +508,7 @@ async def test_a_session_moved_up_a_tier_says_where_it_came_from() -> None:
 async def test_an_attempt_that_timed_out_is_a_model_failure_with_error_type_timeout() -> None:
     provider = FakeProvider()
     provider.hold = 2  # the first call waits for a second one: it hangs until the retry comes
-    async with traced(provider, attempt_timeout=0.2) as t:
+    async with traced(provider, retries=RetryConfig(attempt_timeout=0.2)) as t:
         response = await t.chat()
         assert response.status_code == 200
         _, _, [hung, served] = t.tree()

@@ -10,10 +10,9 @@ import asyncio
 import functools
 import inspect
 import logging
-import math
 import os
 import random
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -26,27 +25,24 @@ from ._errors import service_unavailable
 from ._exchange import CONFIG_RETRY_AFTER, Exchange
 from ._health import HealthConfig, HealthTracker
 from ._metrics import Metrics
+from ._options import RequestLimits, RetryConfig, SessionConfig, grouped
 from ._request import BODY_FRAMING, OWN_HEADERS
 from ._router import TierRouter
 from ._routes import Routes, RouteTable
-from ._sessions import Identity, default_identity
+from ._sessions import default_identity
 from ._sources import ConfigManager, ControlPlaneSource
 from ._state import State
 from ._status import register_status_source
 from ._stores import store_from_url
 from ._timeouts import Deadlines
 from ._tracing import TracedExchange, tracer_for
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._types import ASGIApp, Authorize, Message, Receive, Scope, Send
 
 logger = logging.getLogger("tier_middleware")
 
-# 408: the provider timed out (SDKs retry it); 529: Anthropic's "overloaded", like a 503.
-DEFAULT_FAILURE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
-DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 _LIFESPAN_END = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 StaticConfig = TierConfig | Mapping[str, Any] | str | os.PathLike[str]
-Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
 
 __all__ = ["TierRoutingMiddleware", "current_selection"]
 
@@ -70,57 +66,49 @@ class TierRoutingMiddleware:
         redis_options: Mapping[str, Any] | None = None,
         shared_health: bool = False,
         health_sync_interval: float = 1.0,
-        session_header: str | None = "x-session-id",
-        session_ttl: float = 3600.0,
-        max_sessions: int = 100_000,
-        identity: Identity | None = None,
-        authorize: Authorize | None = None,
-        retry_budget: float = 0.2,
-        retry_budget_min: int = 3,
         health: HealthConfig | HealthTracker | None = None,
+        sessions: SessionConfig | None = None,
+        retries: RetryConfig | None = None,
+        limits: RequestLimits | None = None,
+        authorize: Authorize | None = None,
         tier_field: str = "tier",
         tier_header: str = "x-tier",
         model_field: str = "model",
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        body_timeout: float | None = None,
-        failure_statuses: Collection[int] = DEFAULT_FAILURE_STATUSES,
-        retry_after_bounds: tuple[int, int] = (1, 60),
         config_timeout: float = 5.0,
-        attempt_timeout: float | None = 60.0,
         registry: CollectorRegistry | None = None,
         metrics_namespace: str = "llm",
         name: str = "default",
         rng: random.Random | None = None,
         tracer_provider: Any = None,
+        **deprecated: Any,
     ) -> None:
+        sessions, retries, limits = grouped(sessions, retries, limits, deprecated)
         self.app = app
         self.name = name
         if not tier_field or not model_field:
             raise ValueError("tier_field and model_field must be non-empty")
+        self.sessions = sessions
+        self.retries = retries
+        self.limits = limits
+        # Read on every routed request: kept flat, as the request path uses them.
         self.tier_field = tier_field
         self.model_field = model_field
         self.tier_header = tier_header.lower().encode("latin-1")
-        self.session_header = session_header.lower().encode("latin-1") if session_header else None
-        if max_body_bytes < 1:
-            raise ValueError("max_body_bytes must be >= 1")
-        self.max_body_bytes = max_body_bytes
-        self.body_timeout = _seconds_or_none("body_timeout", body_timeout)
+        header = sessions.header
+        self.session_header = header.lower().encode("latin-1") if header else None
+        self.max_body_bytes = limits.max_body_bytes
+        self.body_timeout = limits.body_timeout
         self.body_deadlines = Deadlines(self.body_timeout) if self.body_timeout else None
-        self.failure_statuses = frozenset(failure_statuses)
-        low, high = retry_after_bounds
-        if not 0 <= low <= high:
-            raise ValueError("retry_after_bounds must be (low, high) with 0 <= low <= high")
-        self.retry_after_bounds = (low, high)
-        if session_ttl <= 0:
-            raise ValueError("session_ttl must be > 0")
+        self.failure_statuses = frozenset(retries.failure_statuses)
+        self.retry_after_bounds = retries.retry_after_bounds
         self.config_timeout = config_timeout
         # How long an attempt may take to start its response (a stream, to its first byte).
-        self.attempt_timeout = _seconds_or_none("attempt_timeout", attempt_timeout)
+        self.attempt_timeout = retries.attempt_timeout
         self.timeouts = Deadlines(self.attempt_timeout) if self.attempt_timeout else None
-        self.identity = identity or default_identity
+        self.identity = sessions.identity or default_identity
         self.authorize = authorize
         self.authorize_in_thread = authorize is not None and not _is_async_callable(authorize)
-        self.budget = RetryBudget(retry_budget, retry_budget_min)
+        self.budget = RetryBudget(retries.budget, retries.budget_min)
         # Request headers the app must not see from the client: ours are set by the middleware.
         self.request_drop = OWN_HEADERS | {self.tier_header}
         self.request_drop_rewritten = self.request_drop | BODY_FRAMING
@@ -140,13 +128,14 @@ class TierRoutingMiddleware:
             store,
             tracker,
             shared_health=shared_health,
-            session_ttl=session_ttl,
-            max_sessions=max_sessions,
+            session_ttl=sessions.ttl,
+            max_sessions=sessions.max_sessions,
             sync_interval=health_sync_interval,
             on_backend_error=self.metrics.backend_error,
         )
         self.router: TierRouter | None = None
         self.config_error: ConfigError | None = None
+        self.listed = True  # on the status page, or never to be (a config error)
         self._config_error_reported = False
         try:
             self.configs = ConfigManager(
@@ -169,7 +158,8 @@ class TierRoutingMiddleware:
                 raise
             self.config_error = exc
             return
-        register_status_source(self)
+        # On the status page from its first call (lifespan or request): building one is pure.
+        self.listed = False
 
     # -- configuration -----------------------------------------------------------------------------
 
@@ -233,6 +223,9 @@ class TierRoutingMiddleware:
     # -- ASGI ----------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.listed:
+            self.listed = True
+            register_status_source(self)
         kind = scope["type"]
         if kind != "http":
             if kind == "lifespan":
@@ -287,17 +280,6 @@ def _is_async_callable(fn: object) -> bool:
     while isinstance(fn, functools.partial):
         fn = fn.func
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
-
-
-def _seconds_or_none(name: str, value: object) -> float | None:
-    """A duration option: a positive, finite number of seconds, or None (no limit)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return float(value)
 
 
 def _inside_event_loop() -> bool:

@@ -27,7 +27,8 @@ import anyio
 import httpx
 import msgspec
 
-from ._config import ConfigError, TierConfig
+from ._config import TierConfig
+from ._errors import ConfigError, TierMiddlewareError
 from ._outage import Outage
 from ._stores.base import Store
 
@@ -43,7 +44,7 @@ FAILURE_HOLD = 0.9  # of the retry interval: how long a failed fetch keeps the f
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a tier table is a few KB; anything this big is not one
 
 
-class FetchError(Exception):
+class FetchError(TierMiddlewareError):
     """One failed fetch. `reason` is safe to log: it never holds the API key or header values."""
 
     def __init__(self, reason: str, kind: str, status_code: int | None = None) -> None:

@@ -9,3 +9,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
+
+# `authorize=`: whether the caller of a request may use a tier (async, or sync: run in a thread).
+Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
