@@ -12,7 +12,7 @@ import pytest
 
 from _clock import FakeClock
 from tier_middleware import HealthConfig, HealthTracker, ModelHealth
-from tier_middleware._health import MAX_RETRY_AFTER, PROBE
+from tier_middleware._health import MAX_RETRY_AFTER
 
 
 def tracker(clock: FakeClock, **config: float) -> HealthTracker:
@@ -166,7 +166,8 @@ def test_failures_in_flight_when_the_backoff_began_do_not_step_it_up(clock: Fake
 
     # The backoff ends; the half-open probe fails: that is the next step of the episode.
     clock.advance(1.0)
-    assert health.acquire("p", "m") == PROBE
+    assert health.acquire("p", "m")
+    assert health.status("p", "m").probes_in_flight == 1  # granted as the half-open probe
     probe_started = clock()
     assert health.record_failure("p", "m", started=probe_started) == 2.0
     # A late failure from the first burst still changes nothing.

@@ -79,7 +79,7 @@ class Exchange(Request):
             decision: Decision | None = None
             key = ""
             try:
-                if self.session_raw is None and router.probe_lease is None:
+                if self.session_raw is None and not router.leases_probes:
                     selection = router.select_now(tier)  # the common case: nothing to await
                 else:
                     key, decision, selection = await self._select(router)
@@ -165,7 +165,7 @@ class Exchange(Request):
                 await self._authorize(held)
             decision = await decide(router, record, self.tier, time.time())
             return key, decision, decision.selection
-        if router.probe_lease is None:
+        if not router.leases_probes:
             return "", None, router.select_now(self.tier)
         await state.sync_health()
         return "", None, await router.select(self.tier)

@@ -209,10 +209,14 @@ class HealthTracker:
 
     # -- events ------------------------------------------------------------------------------
 
-    def acquire(self, provider: str, model: str) -> int:
-        """Claim the model for one request: 0 refused, 1 granted, `PROBE` (2) granted as a
-        half-open probe. Always granted for a healthy model; a model whose backoff has ended
-        takes a probe slot, and is refused when none is free."""
+    def acquire(self, provider: str, model: str) -> bool:
+        """Claim the model for one request. Always granted for a healthy model; a model whose
+        backoff has ended takes a half-open probe slot, and is refused when none is free."""
+        return self._grant(provider, model) != 0
+
+    def _grant(self, provider: str, model: str) -> int:
+        """`acquire`, saying how (for the router): 0 refused, 1 granted, `PROBE` (2) granted as
+        a half-open probe."""
         state = self._states.get((provider, model))
         if state is None or state.until == 0.0:
             return 1

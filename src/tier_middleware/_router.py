@@ -111,9 +111,14 @@ class TierRouter:
         self.health = health or HealthTracker()
         self._rng = rng or random.Random()
         # Asked before a half-open probe goes out; False means another instance is probing.
-        self.probe_lease = probe_lease
+        self._probe_lease = probe_lease
         self._pools: dict[str, _Pool] = {}
         self.config = config
+
+    @property
+    def leases_probes(self) -> bool:
+        """Whether a half-open probe also needs the fleet-wide lease (shared health)."""
+        return self._probe_lease is not None
 
     @property
     def config(self) -> TierConfig:
@@ -141,8 +146,8 @@ class TierRouter:
             chosen, granted = self._draw(tier, preferred_provider, exclude)
             if (
                 granted == PROBE
-                and self.probe_lease is not None
-                and not await self.probe_lease(chosen.provider, chosen.model)
+                and self._probe_lease is not None
+                and not await self._probe_lease(chosen.provider, chosen.model)
             ):
                 continue  # another instance probes it; our slot stays taken meanwhile
             if granted:
@@ -168,9 +173,9 @@ class TierRouter:
         chosen = self._pinned.get(tier, {}).get((provider, model))
         if chosen is None:
             return None
-        granted = self.health.acquire(provider, model)
-        if granted == PROBE and self.probe_lease is not None:
-            return chosen if await self.probe_lease(provider, model) else None
+        granted = self.health._grant(provider, model)
+        if granted == PROBE and self._probe_lease is not None:
+            return chosen if await self._probe_lease(provider, model) else None
         return chosen if granted else None
 
     def _draw(
@@ -198,7 +203,7 @@ class TierRouter:
             chosen = pool.pick(self._rng, exclude)
             if chosen is None:
                 raise NoHealthyModelError(tier, self._retry_after(tier, exclude))
-        return chosen, health.acquire(chosen.provider, chosen.model)
+        return chosen, health._grant(chosen.provider, chosen.model)
 
     def probabilities(self, tier: str) -> dict[Key, float]:
         """The chance of each model of `tier` being drawn now (0 for those in backoff)."""
