@@ -307,7 +307,7 @@ def test_evidence_stays_bounded() -> None:
     for body in range(10_000):
         evidence.add(A_KEY, body)
         evidence.add(B_KEY, body)
-    assert len(evidence._bodies) == 100
+    assert len(evidence) == 100
     assert all(len(held) < 3 for held in evidence.held.values())
     assert evidence.suspect(9_999)
     assert not evidence.suspect(0)  # forgotten first

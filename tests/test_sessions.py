@@ -36,10 +36,10 @@ async def test_first_request_selects_and_creates() -> None:
 
 
 async def test_same_tier_keeps_the_model_and_writes_nothing() -> None:
-    r = router()
     for seed in range(20):
-        r._rng.seed(seed)
-        decision = await decide(r, record("anthropic", "haiku", "simple"), "simple", now=500.0)
+        decision = await decide(
+            router(seed), record("anthropic", "haiku", "simple"), "simple", now=500.0
+        )
         assert decision.selection.model == "haiku"
         assert decision.record is None
 
@@ -51,10 +51,10 @@ async def test_a_lower_tier_never_downgrades() -> None:
 
 
 async def test_a_higher_tier_upgrades_preferring_the_provider() -> None:
-    r = router()
     for seed in range(20):
-        r._rng.seed(seed)
-        decision = await decide(r, record("anthropic", "haiku", "simple"), "complex", 500.0)
+        decision = await decide(
+            router(seed), record("anthropic", "haiku", "simple"), "complex", 500.0
+        )
         assert (decision.selection.tier, decision.selection.provider) == ("complex", "anthropic")
         assert decision.upgraded_from == "simple"
         assert decision.record is not None

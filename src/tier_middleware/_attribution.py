@@ -183,6 +183,10 @@ class Evidence:
         # fingerprint -> (when it last failed, the models it failed on); oldest first
         self._bodies: OrderedDict[int, tuple[float, frozenset[Key]]] = OrderedDict()
 
+    def __len__(self) -> int:
+        """How many bodies are remembered (at most `max_bodies`)."""
+        return len(self._bodies)
+
     def suspect(self, fingerprint: int) -> bool:
         entry = self._bodies.get(fingerprint)
         if entry is None:
