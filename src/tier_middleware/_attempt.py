@@ -143,10 +143,8 @@ class Attempt:
         our own 503 instead of the app's answer. No health change: the model was never asked."""
         self.dropped = True
         await self.release()
-        if self.can_retry:
-            self.next = await self.exchange.alternative()
-            if self.next is not None:
-                return
+        if await self._retry(judged=False):
+            return
         message = f"provider {self.selection.provider!r} is not configured correctly on this server"
         await self._unavailable("provider_misconfigured", message, long=True)
 
@@ -185,9 +183,15 @@ class Attempt:
             await self._neutral(verdict)
             return False
         self.fail(retry_after)  # raising, even after a good start, is failing
-        if self.started or not self.can_retry or ex.suspect():
+        return not self.started and await self._retry()
+
+    async def _retry(self, judged: bool = True) -> bool:
+        """The one retry decision: whether another model takes the request (`next` is set).
+        Only while this attempt may be retried, and, after a judged failure, not for a body
+        that already failed on two models (it would fail on a third)."""
+        if not self.can_retry or (judged and self.exchange.suspect()):
             return False
-        self.next = await ex.alternative()
+        self.next = await self.exchange.alternative()
         return self.next is not None
 
     async def receive(self) -> Message:
@@ -249,11 +253,9 @@ class Attempt:
                 await ex.succeeded(sel)
         elif verdict is Verdict.MODEL_FAILURE:
             self.fail(retry_after)
-            if self.can_retry and not ex.suspect():
-                self.next = await ex.alternative()
-                if self.next is not None:
-                    self.dropped = True
-                    return None
+            if await self._retry():
+                self.dropped = True
+                return None
             # The request ends with this failure: judge it before the client can send another.
             await ex.settle()
         else:
