@@ -33,47 +33,28 @@ def current_selection() -> Selection | None:
 
 
 class Attempt:
-    __slots__ = (
-        "began",
-        "body",
-        "can_retry",
-        "deadline",
-        "dropped",
-        "exchange",
-        "failed",
-        "misconfigured",
-        "next",
-        "pending",
-        "recorded",
-        "recovered",
-        "selection",
-        "started",
-        "started_at",
-        "tap",
-        "upstream",
-        "upstream_retry_after",
-    )
+    # Class defaults, as for a request: an attempt that goes well changes few of them.
+    pending = True  # the body has not been handed to the app yet
+    started = False  # a response start went to the client
+    recorded = False  # the outcome is told (to health, or held by the exchange)
+    failed = False  # ... and it was a model failure
+    next: Selection | None = None  # set when this response is dropped for a retry
+    dropped = False  # the app's response is not sent (a retry, or our own answer)
+    tap: UsageTap | None = None
+    began = 0.0  # on the health clock
+    started_at = 0.0  # perf_counter, for the duration histogram
+    # What the provider calls the app made through UpstreamTransport said (see `report`).
+    upstream: Verdict | None = None  # the verdict on the last call
+    upstream_retry_after: float | None = None
+    recovered = False  # a call failed, and a later one (an SDK retry) succeeded
+    misconfigured: str | None = None  # why the call could not be dispatched
+    deadline: Deadline | None = None  # the attempt_timeout, until the start
 
     def __init__(self, exchange: Exchange, selection: Selection, can_retry: bool) -> None:
         self.exchange = exchange
         self.selection = selection
         self.can_retry = can_retry
         self.body = exchange.body  # what the app receives: rewritten for this model, if JSON
-        self.pending = True  # the body has not been handed to the app yet
-        self.started = False  # a response start went to the client
-        self.recorded = False  # the outcome is told (to health, or held by the exchange)
-        self.failed = False  # ... and it was a model failure
-        self.next: Selection | None = None  # set when this response is dropped for a retry
-        self.dropped = False  # the app's response is not sent (a retry, or our own answer)
-        self.tap: UsageTap | None = None
-        self.began = 0.0  # on the health clock
-        self.started_at = 0.0  # perf_counter, for the duration histogram
-        # What the provider calls the app made through UpstreamTransport said (see `report`).
-        self.upstream: Verdict | None = None  # the verdict on the last call
-        self.upstream_retry_after: float | None = None
-        self.recovered = False  # a call failed, and a later one (an SDK retry) succeeded
-        self.misconfigured: str | None = None  # why the call could not be dispatched
-        self.deadline: Deadline | None = None  # the attempt_timeout, until the start
 
     def scope(self, base_headers: Headers) -> Scope:
         """The scope the app gets: rewritten body's length, the choice in headers and state."""

@@ -43,25 +43,14 @@ Failure = tuple[Selection, float | None, float]
 class Exchange(Request):
     """One routed request: what was read from the client, and each attempt at the app."""
 
-    __slots__ = ("attempts", "failures", "retries", "suspected", "tier", "tried")
-
     attempt_type: ClassVar[type[Attempt]] = Attempt  # a TracedExchange's attempts are traced
 
-    def __init__(
-        self,
-        mw: TierRoutingMiddleware,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        policy: RoutePolicy,
-    ) -> None:
-        super().__init__(mw, scope, receive, send, policy)
-        self.attempts = 0
-        self.tier = ""
-        self.retries = 0  # retry-budget slots held
-        self.tried: list[Key] = []
-        self.failures: list[Failure] | None = None  # model failures not yet judged
-        self.suspected: bool | None = None  # whether the body is a known poison request
+    attempts = 0
+    tier = ""
+    retries = 0  # retry-budget slots held
+    tried: tuple[Key, ...] = ()
+    failures: list[Failure] | None = None  # model failures not yet judged
+    suspected: bool | None = None  # whether the body is a known poison request
 
     async def run(self) -> None:
         mw = self.mw
@@ -198,7 +187,7 @@ class Exchange(Request):
         try:
             while True:
                 self.attempts += 1
-                self.tried.append(selection.key)
+                self.tried += (selection.key,)
                 attempt = self.attempt_type(self, selection, self.attempts < max_attempts)
                 try:
                     scope = attempt.scope(base_headers)

@@ -136,6 +136,7 @@ class TierRoutingMiddleware:
         self.router: TierRouter | None = None
         self.config_error: ConfigError | None = None
         self.listed = True  # on the status page, or never to be (a config error)
+        self.refreshing = isinstance(config, ControlPlaneSource)  # else nothing to tick
         self._config_error_reported = False
         try:
             self.configs = ConfigManager(
@@ -240,7 +241,8 @@ class TierRoutingMiddleware:
         if policy is None:
             await self.app(scope, receive, send)
             return
-        self.configs.tick()
+        if self.refreshing:
+            self.configs.tick()
         await self.exchange_type(self, scope, receive, send, policy).run()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -104,7 +104,9 @@ def repeated(body: bytes, name: str) -> list[Any] | None:
     """
     quoted = _quoted(name)
     last = body.rfind(quoted)
-    if not (last > 0 and body.rfind(quoted, 0, last) >= 0) and not _may_spell(body, name):
+    if not (last > 0 and body.rfind(quoted, 0, last) >= 0) and (
+        body.find(b"\\") < 0 or not _may_spell(body, name)  # a memchr for most bodies
+    ):
         return None
     top: list[list[tuple[str, Any]]] = []
 
@@ -124,8 +126,6 @@ def repeated(body: bytes, name: str) -> list[Any] | None:
 
 def _may_spell(body: bytes, name: str) -> bool:
     """Whether some key of the body could be `name` spelled with `\\u` escapes."""
-    if body.find(b"\\") < 0:  # a memchr: a body without any escape costs nothing more
-        return False
     prefix, spelled = _spelled(name)
     return body.rfind(prefix) >= 0 and spelled.search(body) is not None
 

@@ -112,13 +112,10 @@ class TierRouter:
         self._rng = rng or random.Random()
         # Asked before a half-open probe goes out; False means another instance is probing.
         self._probe_lease = probe_lease
+        # Whether a half-open probe also needs the fleet-wide lease (shared health).
+        self.leases_probes = probe_lease is not None
         self._pools: dict[str, _Pool] = {}
         self.config = config
-
-    @property
-    def leases_probes(self) -> bool:
-        """Whether a half-open probe also needs the fleet-wide lease (shared health)."""
-        return self._probe_lease is not None
 
     @property
     def config(self) -> TierConfig:
@@ -200,7 +197,7 @@ class TierRouter:
             if preferred is not None:
                 chosen = preferred.pick(self._rng, exclude)
         if chosen is None:
-            chosen = pool.pick(self._rng, exclude)
+            chosen = pool.pick(self._rng, exclude) if exclude else pool.draw(self._rng)
             if chosen is None:
                 raise NoHealthyModelError(tier, self._retry_after(tier, exclude))
         return chosen, health._grant(chosen.provider, chosen.model)
