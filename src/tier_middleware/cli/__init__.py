@@ -19,9 +19,9 @@ from typing import TextIO
 
 import httpx
 
-from ._config import ConfigError, TierConfig
-from ._router import TierRouter
-from ._sources import ControlPlaneSource, FetchError
+from .._config import ConfigError, TierConfig
+from .._router import TierRouter
+from .._sources import ControlPlaneSource, FetchError
 
 PROG = "tier-middleware"
 DEFAULT_TIMEOUT = 5.0

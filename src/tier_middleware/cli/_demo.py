@@ -21,12 +21,12 @@ import httpx
 import msgspec
 from prometheus_client import CollectorRegistry
 
-from ._config import TierConfig
-from ._health import HealthConfig, HealthTracker
-from ._middleware import TierRoutingMiddleware
-from ._routes import RoutePolicy
-from ._types import Message, Receive, Scope, Send
-from .cli import format_table
+from .._config import TierConfig
+from .._health import HealthConfig, HealthTracker
+from .._middleware import TierRoutingMiddleware
+from .._routes import RoutePolicy
+from .._types import Message, Receive, Scope, Send
+from . import format_table
 
 STEP = 0.5  # simulated seconds between two requests
 DOWN = "anthropic"  # the provider that fails during the middle third
