@@ -26,7 +26,7 @@ from .._health import HealthConfig, HealthTracker
 from .._middleware import TierRoutingMiddleware
 from .._routes import RoutePolicy
 from .._types import Message, Receive, Scope, Send
-from . import format_table
+from ._tables import format_table
 
 STEP = 0.5  # simulated seconds between two requests
 DOWN = "anthropic"  # the provider that fails during the middle third
