@@ -123,22 +123,18 @@ class Event:
 
 
 class RecordingTracker(HealthTracker):
-    """A HealthTracker that also keeps a timeline of backoffs and recoveries."""
+    """A HealthTracker that also keeps a timeline of backoffs and recoveries.
+
+    It only observes what the tracker decided: arguments it does not read pass through as they
+    came, so the signature stays HealthTracker's alone."""
 
     def __init__(self, config: HealthConfig, clock: SimClock, rng: random.Random) -> None:
         super().__init__(config, clock=clock, rng=rng)
         self.events: list[Event] = []
         self._out_since: dict[tuple[str, str], float] = {}
 
-    def record_failure(
-        self,
-        provider: str,
-        model: str,
-        retry_after: float | None = None,
-        *,
-        started: float | None = None,
-    ) -> float | None:
-        backoff = super().record_failure(provider, model, retry_after, started=started)
+    def record_failure(self, provider: str, model: str, *args: Any, **kwargs: Any) -> float | None:
+        backoff = super().record_failure(provider, model, *args, **kwargs)
         if backoff is not None:
             now = self.clock()
             self._out_since.setdefault((provider, model), now)
