@@ -24,13 +24,12 @@ from ._health import Key
 from ._payload import TooDeep
 from ._request import ClientGone, Request
 from ._router import Selection, TierRouter
-from ._routes import RoutePolicy
 from ._sessions import Decision, decide, held_tier, session_key, valid_session_id
 from ._stores import SessionRecord
-from ._types import Headers, Receive, Scope, Send
+from ._types import Headers
 
 if TYPE_CHECKING:
-    from ._middleware import TierRoutingMiddleware
+    pass
 
 CONFIG_RETRY_AFTER = 5.0  # seconds: a config fetch is retried in the background meanwhile
 _unique = itertools.count()  # fingerprints of bodies that were not held: each is distinct

@@ -13,21 +13,14 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import TextIO
 
+from .._version import __version__
 from ._check import check, is_url
 from ._tables import format_table
 
 PROG = "tier-middleware"
 DEFAULT_TIMEOUT = 5.0
-
-
-def _package_version() -> str:
-    try:
-        return version("tier-middleware")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
 
 
 # -- demo ------------------------------------------------------------------------------------------
@@ -67,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Route LLM calls by complexity tier: check a tier config, or run a demo.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check_command = commands.add_parser(

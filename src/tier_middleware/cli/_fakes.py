@@ -9,8 +9,11 @@ from typing import Any, Literal
 
 import msgspec
 
+_encode = msgspec.json.encode
+
+from .._asgi import send_json
 from .._health import HealthConfig, HealthTracker
-from .._types import Message, Receive, Scope, Send
+from .._types import Receive, Scope, Send
 
 PATH = "/v1/chat/completions"
 
@@ -47,7 +50,9 @@ class FakeProviders:
         headers = dict(scope["headers"])
         provider = headers.get(b"x-tier-provider", b"").decode("latin-1")
         if scope["path"] != PATH:
-            await _respond(send, 404, {"error": {"message": "not found", "code": "not_found"}})
+            await send_json(
+                send, 404, _encode({"error": {"message": "not found", "code": "not_found"}})
+            )
             return
         if provider in self.down:
             error = {
@@ -56,7 +61,7 @@ class FakeProviders:
                 "param": None,
                 "code": "overloaded",
             }
-            await _respond(send, 503, {"error": error})
+            await send_json(send, 503, _encode({"error": error}))
             return
         request = msgspec.json.decode(body)
         model = str(request.get("model", "unknown"))
@@ -84,21 +89,7 @@ class FakeProviders:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-        await _respond(send, 200, completion)
-
-
-async def _respond(send: Send, status: int, payload: dict[str, Any]) -> None:
-    body = msgspec.json.encode(payload)
-    start: Message = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    }
-    await send(start)
-    await send({"type": "http.response.body", "body": body})
+        await send_json(send, 200, _encode(completion))
 
 
 # -- simulated time and health events --------------------------------------------------------------
