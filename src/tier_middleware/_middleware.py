@@ -11,7 +11,6 @@ import functools
 import inspect
 import logging
 import math
-import os
 import random
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
@@ -20,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from ._attempt import current_selection
 from ._budget import RetryBudget
-from ._config import ConfigError, TierConfig
+from ._config import ConfigError, StaticConfig, TierConfig
 from ._errors import service_unavailable
 from ._exchange import CONFIG_RETRY_AFTER, Exchange
 from ._health import HealthConfig, HealthTracker
@@ -44,7 +43,6 @@ DEFAULT_FAILURE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 _LIFESPAN_END = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
-StaticConfig = TierConfig | Mapping[str, Any] | str | os.PathLike[str]
 Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
 
 __all__ = ["TierRoutingMiddleware", "current_selection"]

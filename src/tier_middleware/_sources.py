@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, Self
+from typing import Literal, NamedTuple, Self
 from urllib.parse import urlsplit
 
 import anyio
 import httpx
 import msgspec
 
-from ._config import ConfigError, TierConfig
+from ._config import ConfigError, StaticConfig, TierConfig
 from ._outage import Outage
 from ._stores.base import Store
 
@@ -36,7 +36,6 @@ logger = logging.getLogger("tier_middleware")
 Clock = Callable[[], float]
 RefreshResult = Literal["success", "unchanged", "error", "shared"]
 ConfigOrigin = Literal["static", "control_plane", "store", "fallback"]
-StaticSource = TierConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 LOCK_NAME = "config"
 FAILURE_HOLD = 0.9  # of the retry interval: how long a failed fetch keeps the fleet lock
@@ -195,9 +194,9 @@ class ConfigManager:
 
     def __init__(
         self,
-        source: ControlPlaneSource | StaticSource,
+        source: ControlPlaneSource | StaticConfig,
         *,
-        fallback: StaticSource | None = None,
+        fallback: StaticConfig | None = None,
         store: Store | None = None,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
@@ -615,7 +614,7 @@ class ConfigManager:
             self._store_outage.ok(self._store.name)
 
 
-def _static_name(source: StaticSource) -> str:
+def _static_name(source: StaticConfig) -> str:
     if isinstance(source, TierConfig):
         return "config"
     if isinstance(source, Mapping):
