@@ -20,7 +20,8 @@ import pytest
 from _clock import FakeClock
 from control_plane import ControlPlane, tier_payload
 from tier_middleware import ConfigError, TierConfig
-from tier_middleware._sources import ConfigManager, ControlPlaneSource, RefreshResult
+from tier_middleware._config_manager import ConfigManager, RefreshResult
+from tier_middleware._control_plane import ControlPlaneSource
 from tier_middleware._stores.base import StoreError
 from tier_middleware._stores.memory import MemoryStore
 

@@ -2,12 +2,12 @@
 
 from ._attempt import current_selection
 from ._config import ConfigError, ModelConfig, ProviderConfig, TierConfig
+from ._control_plane import ControlPlaneSource
 from ._health import HealthConfig, HealthTracker, ModelHealth
 from ._metrics import metrics_app
 from ._middleware import TierRoutingMiddleware
 from ._router import NoHealthyModel, RoutingError, Selection, TierRouter, UnknownTier
 from ._routes import RoutePolicy
-from ._sources import ControlPlaneSource
 from ._status import status_app
 from ._upstream import UpstreamTransport
 

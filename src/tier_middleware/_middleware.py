@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from ._attempt import current_selection
 from ._budget import RetryBudget
 from ._config import ConfigError, StaticConfig, TierConfig
+from ._config_manager import ConfigManager, ConfigSource
 from ._errors import service_unavailable
 from ._exchange import CONFIG_RETRY_AFTER, Exchange
 from ._health import HealthConfig, HealthTracker
@@ -28,7 +29,6 @@ from ._request import BODY_FRAMING, OWN_HEADERS, close_unread
 from ._router import TierRouter
 from ._routes import Routes, RouteTable
 from ._sessions import Identity, default_identity
-from ._sources import ConfigManager, ControlPlaneSource
 from ._state import State
 from ._status import register_status_source
 from ._stores import store_from_url
@@ -60,7 +60,7 @@ class TierRoutingMiddleware:
         self,
         app: ASGIApp,
         *,
-        config: StaticConfig | ControlPlaneSource,
+        config: ConfigSource,
         routes: Routes = None,
         fallback: StaticConfig | None = None,
         redis_url: str | None = None,

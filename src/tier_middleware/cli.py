@@ -20,8 +20,8 @@ from typing import TextIO
 import httpx
 
 from ._config import ConfigError, TierConfig
+from ._control_plane import ControlPlaneSource, FetchError
 from ._router import TierRouter
-from ._sources import ControlPlaneSource, FetchError
 
 PROG = "tier-middleware"
 DEFAULT_TIMEOUT = 5.0
