@@ -8,8 +8,8 @@ counters tell exactly what happened. Health runs on a hand-driven clock wherever
 middleware's own timing matters; real time appears only where the fault is real time itself
 (Redis socket timeouts, a slow control plane, the state backend's cooldown).
 
-tests/test_state.py, tests/test_sources.py and tests/test_retry_budget.py hold the narrower,
-one-request-at-a-time versions of several scenarios; these are about load and faults.
+tests/test_state.py, tests/test_config_manager.py and tests/test_retry_budget.py hold the
+narrower, one-request-at-a-time versions of several scenarios; these are about load and faults.
 """
 
 from __future__ import annotations

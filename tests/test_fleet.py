@@ -32,7 +32,7 @@ from control_plane import ControlPlane
 from redis_server import RedisServer
 from servers import free_port
 from tier_middleware import ControlPlaneSource, TierRoutingMiddleware
-from tier_middleware._sources import ConfigManager
+from tier_middleware._config_manager import ConfigManager
 from tier_middleware._stores import SessionRecord
 from tier_middleware._stores.redis import RedisStore
 

@@ -1,7 +1,9 @@
 """Route LLM calls by complexity tier inside any ASGI app."""
 
 from ._attempt import current_selection
-from ._config import ModelConfig, ProviderConfig, TierConfig
+from ._config import ModelConfig, ProviderConfig, StaticConfig, TierConfig
+from ._config_manager import ConfigSource
+from ._control_plane import ControlPlaneSource, FetchError
 from ._errors import (
     ConfigError,
     NoHealthyModel,
@@ -13,12 +15,11 @@ from ._errors import (
 )
 from ._health import HealthConfig, HealthTracker, ModelHealth
 from ._metrics import metrics_app
-from ._middleware import StaticConfig, TierRoutingMiddleware
+from ._middleware import TierRoutingMiddleware
 from ._options import RequestLimits, RetryConfig, SessionConfig
 from ._router import Selection, TierRouter
 from ._routes import RoutePolicy, Routes
 from ._sessions import Identity
-from ._sources import ControlPlaneSource, FetchError
 from ._status import StatusSource, status_app
 from ._types import Authorize
 from ._upstream import UpstreamTransport
@@ -27,6 +28,7 @@ from ._version import __version__
 __all__ = [
     "Authorize",
     "ConfigError",
+    "ConfigSource",
     "ControlPlaneSource",
     "FetchError",
     "HealthConfig",

@@ -226,7 +226,7 @@ class TierConfig(BaseModel):
     # -- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, source: TierConfig | Mapping[str, Any] | str | os.PathLike[str]) -> TierConfig:
+    def load(cls, source: StaticConfig) -> TierConfig:
         """Build a config from a dict, a `.json` or `.toml` file, or a control-plane payload.
 
         The control-plane envelope `{"success": true, "data": {...}}` is accepted and unwrapped.
@@ -251,6 +251,10 @@ class TierConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"{source_name}: {_describe(exc, data)}") from None
+
+
+# A config given in-process rather than fetched: what `TierConfig.load` reads.
+StaticConfig = TierConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 
 def _read_file(path: Path) -> Any:
@@ -373,6 +377,7 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "ProviderConfig",
+    "StaticConfig",
     "TierConfig",
     "normalize_tier",
 ]

@@ -10,7 +10,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import os
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +19,9 @@ from prometheus_client import CollectorRegistry
 from ._asgi import close_unread
 from ._attempt import current_selection
 from ._budget import RetryBudget
-from ._config import ConfigError, TierConfig
+from ._config import ConfigError, StaticConfig, TierConfig
+from ._config_manager import ConfigManager, ConfigSource
+from ._control_plane import ControlPlaneSource
 from ._errors import service_unavailable
 from ._exchange import CONFIG_RETRY_AFTER, Exchange
 from ._health import HealthConfig, HealthTracker
@@ -30,7 +31,6 @@ from ._request import BODY_FRAMING, OWN_HEADERS
 from ._router import TierRouter
 from ._routes import Routes, RouteTable
 from ._sessions import default_identity
-from ._sources import ConfigManager, ControlPlaneSource
 from ._state import State
 from ._status import register_status_source
 from ._stores import store_from_url
@@ -42,7 +42,6 @@ logger = logging.getLogger("tier_middleware")
 
 _LIFESPAN_END = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
-StaticConfig = TierConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 __all__ = ["TierRoutingMiddleware", "current_selection"]
 
@@ -59,7 +58,7 @@ class TierRoutingMiddleware:
         self,
         app: ASGIApp,
         *,
-        config: StaticConfig | ControlPlaneSource,
+        config: ConfigSource,
         routes: Routes = None,
         fallback: StaticConfig | None = None,
         redis_url: str | None = None,

@@ -9,8 +9,8 @@ from typing import TextIO
 import httpx
 
 from .._config import ConfigError, TierConfig
+from .._control_plane import ControlPlaneSource, FetchError
 from .._router import TierRouter
-from .._sources import ControlPlaneSource, FetchError
 from ._tables import column_widths, format_price, format_table
 
 

@@ -9,11 +9,11 @@ from typing import Any, Literal
 
 import msgspec
 
-_encode = msgspec.json.encode
-
 from .._asgi import send_json
 from .._health import HealthConfig, HealthTracker
 from .._types import Receive, Scope, Send
+
+_encode = msgspec.json.encode
 
 PATH = "/v1/chat/completions"
 

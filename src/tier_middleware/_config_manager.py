@@ -1,11 +1,11 @@
-"""Where the tier config comes from, and how it is kept fresh without touching the hot path.
+"""The in-process tier config, kept fresh without touching the hot path.
 
 `ConfigManager` holds the in-process copy (`current`). Requests read only that attribute and call
 `tick()`, which costs one clock call and a comparison until a refresh is due; then it starts one
 background refresh task. A refresh that fails keeps the last-known-good config (stale-if-error).
-With a `Store`, a fleet shares one copy of the config and a lock, so the control plane is asked
-about once per refresh period in total rather than once per instance. Whatever the store raises,
-of any type, is a store failure: the refresh goes on without it.
+With a `Store`, a fleet shares one copy of the config and a lock (`SharedConfig`), so the control
+plane is asked about once per refresh period in total rather than once per instance. Whatever the
+store raises, of any type, is a store failure: the refresh goes on without it.
 
 Refresh tasks are asyncio tasks: the manager needs an asyncio event loop.
 """
@@ -15,172 +15,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, Self
-from urllib.parse import urlsplit
+from typing import Literal, Self
 
-import anyio
 import httpx
-import msgspec
 
-from ._config import TierConfig
-from ._errors import ConfigError, TierMiddlewareError
-from ._outage import Outage
+from ._config import StaticConfig, TierConfig
+from ._control_plane import ControlPlaneSource, FetchError
+from ._shared_config import Copy, SharedConfig, StoreDown
 from ._stores.base import Store
 
 logger = logging.getLogger("tier_middleware")
 
 Clock = Callable[[], float]
+# Where a config comes from: given in-process (never refreshed) or fetched from a control plane.
+ConfigSource = StaticConfig | ControlPlaneSource
 RefreshResult = Literal["success", "unchanged", "error", "shared"]
 ConfigOrigin = Literal["static", "control_plane", "store", "fallback"]
-StaticSource = TierConfig | Mapping[str, Any] | str | os.PathLike[str]
 
-LOCK_NAME = "config"
 FAILURE_HOLD = 0.9  # of the retry interval: how long a failed fetch keeps the fleet lock
-MAX_BODY_BYTES = 4 * 1024 * 1024  # a tier table is a few KB; anything this big is not one
-
-
-class FetchError(TierMiddlewareError):
-    """One failed fetch. `reason` is safe to log: it never holds the API key or header values."""
-
-    def __init__(self, reason: str, kind: str, status_code: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.kind = kind  # auth | timeout | connection | status | too_large | not_json | invalid
-        self.status_code = status_code
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class ControlPlaneSource:
-    """`GET {url}` (the full URL of `/api/v1/tiers/config`) returns the tier config.
-
-    `api_key_env` names an environment variable read at every fetch and sent as
-    `Authorization: Bearer <value>`. `timeout` bounds the whole fetch (connect to last byte);
-    `ttl` is how long a fetched config counts as fresh (refreshed ahead of that).
-    """
-
-    url: str
-    headers: Mapping[str, str] | None = None
-    api_key_env: str | None = None
-    timeout: float = 2.0
-    ttl: float = 1800.0
-
-    def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(
-                f"control plane URL must be an absolute http(s) URL, got {self.display_url!r}"
-            )
-        for name in ("timeout", "ttl"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if self.api_key_env is not None and not self.api_key_env:
-            raise ValueError("api_key_env must name an environment variable")
-
-    def __repr__(self) -> str:  # no credentials: not the URL's, not the headers
-        return (
-            f"ControlPlaneSource({self.display_url!r}, api_key_env={self.api_key_env!r}, "
-            f"timeout={self.timeout!r}, ttl={self.ttl!r})"
-        )
-
-    @property
-    def display_url(self) -> str:
-        """The URL without credentials, query or fragment: safe for logs and metrics."""
-        parts = urlsplit(self.url)
-        host = parts.netloc.rpartition("@")[2]
-        return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else "<invalid url>"
-
-    async def fetch(self, client: httpx.AsyncClient) -> tuple[TierConfig, bytes]:
-        """Fetch and validate the config; returns it with the raw body. Raises FetchError only."""
-        headers = {"Accept": "application/json", **(self.headers or {})}
-        secrets = [v for v in (self.headers or {}).values() if len(v) >= 4]
-        for name, value in (self.headers or {}).items():
-            # Checked here, before an HTTP library echoes a bad value (a key read from a file
-            # with its newline, say) into an exception message.
-            if not (value.isascii() and value.isprintable()):
-                raise FetchError(
-                    f"control plane header {name!r} does not hold a valid header value "
-                    "(printable ASCII)",
-                    "auth",
-                )
-        if self.api_key_env is not None:
-            key = os.environ.get(self.api_key_env, "").strip()
-            if not key:
-                raise FetchError(
-                    f"environment variable {self.api_key_env} (api_key_env) is empty or not set",
-                    "auth",
-                )
-            if not key.isascii() or not key.isprintable():
-                raise FetchError(
-                    f"environment variable {self.api_key_env} (api_key_env) does not hold a "
-                    "valid header value",
-                    "auth",
-                )
-            headers["Authorization"] = f"Bearer {key}"
-            secrets.append(key)
-        try:
-            body = await self._get(client, headers)
-        except FetchError:
-            raise
-        except (TimeoutError, httpx.TimeoutException):
-            raise FetchError(f"no complete answer within {self.timeout:g}s", "timeout") from None
-        except httpx.HTTPError as exc:
-            detail = _redact(f"{type(exc).__name__}: {exc}", secrets)
-            raise FetchError(detail[:300], "connection") from None
-        except (ValueError, UnicodeError) as exc:  # the text may quote a header: leave it out
-            raise FetchError(
-                f"the request could not be sent ({type(exc).__name__})", "connection"
-            ) from None
-        try:
-            data = msgspec.json.decode(body)
-        except (ValueError, RecursionError) as exc:  # msgspec.DecodeError, UnicodeDecodeError
-            raise FetchError(
-                f"the response is not JSON ({_redact(str(exc), secrets)[:120]})", "not_json"
-            ) from None
-        try:
-            config = TierConfig.from_data(data, source_name=self.display_url)
-        except ConfigError as exc:
-            raise FetchError(
-                f"invalid config: {_redact(str(exc), secrets)[:500]}", "invalid"
-            ) from None
-        return config, body
-
-    async def _get(self, client: httpx.AsyncClient, headers: dict[str, str]) -> bytes:
-        async with (
-            asyncio.timeout(self.timeout),
-            client.stream("GET", self.url, headers=headers, timeout=self.timeout) as resp,
-        ):
-            if not 200 <= resp.status_code < 300:
-                ctype = resp.headers.get("content-type", "").split(";")[0].strip() or "none"
-                raise FetchError(
-                    f"HTTP {resp.status_code} (content-type {ctype})",
-                    "status",
-                    resp.status_code,
-                )
-            body = bytearray()
-            async for chunk in resp.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise FetchError(
-                        f"the response is larger than {MAX_BODY_BYTES} bytes", "too_large"
-                    )
-            return bytes(body)
-
-
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
-class _Copy(NamedTuple):
-    config: TierConfig
-    fetched_at: float  # wall clock
 
 
 class ConfigManager:
@@ -196,9 +51,9 @@ class ConfigManager:
 
     def __init__(
         self,
-        source: ControlPlaneSource | StaticSource,
+        source: ConfigSource,
         *,
-        fallback: StaticSource | None = None,
+        fallback: StaticConfig | None = None,
         store: Store | None = None,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
@@ -212,7 +67,6 @@ class ConfigManager:
             raise ValueError(f"refresh_ahead must be in (0, 1], got {refresh_ahead!r}")
         self._clock = clock
         self._wall_clock = wall_clock
-        self._store = store
         self._on_change = on_change
         self._on_refresh = on_refresh
         self._fallback = TierConfig.load(fallback) if fallback is not None else None
@@ -248,18 +102,18 @@ class ConfigManager:
         self._refresh_after = refresh_ahead * ttl
         timeout = source.timeout if isinstance(source, ControlPlaneSource) else 0.0
         # A fetch holds the fleet lock at most this long; then its copy is there (or it failed).
-        self._lock_ttl = timeout + 1.0
+        lock_ttl = timeout + 1.0
         # Another instance holds the fleet lock: look again after its fetch could have ended.
-        self._lock_retry = min(self.retry_interval, self._lock_ttl)
+        self._lock_retry = min(self.retry_interval, lock_ttl)
+        self._shared = (
+            SharedConfig(store, lock_ttl=lock_ttl, on_error=on_store_error)
+            if store is not None
+            else None
+        )
 
         self.loaded_at: float | None = None  # wall clock when `current` was fetched
         self.consecutive_failures = 0
         self.last_error: str | None = None
-        self._store_outage = Outage(
-            "store unavailable for the shared tier config; fetching directly",
-            "store available again for the shared tier config",
-            on_store_error,
-        )
         self._task: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
@@ -394,31 +248,24 @@ class ConfigManager:
         """Returns the result and the delay until the next refresh is due."""
         remote = self._remote
         assert remote is not None
-        store = self._store
-        copy: _Copy | None = None
+        shared = self._shared
+        copy: Copy | None = None
         token: str | None = None
-        can_put = store is not None
-        if store is not None:
+        can_put = shared is not None
+        if shared is not None:
             try:
-                copy = self._parse_copy(await store.get_config())
-            except Exception as exc:
-                self._store_failed("get_config", exc)
-                store = None  # it is down: do not pay its timeout twice more
+                copy = await shared.read()
+            except StoreDown:
+                shared = None  # it is down: do not pay its timeout twice more
             else:
-                self._store_ok()
-            if copy is not None:
-                age = max(0.0, self._wall_clock() - copy.fetched_at)
-                if age < self._refresh_after:
-                    self._adopt(copy.config, "store", copy.fetched_at)
-                    self._recovered()
-                    return "shared", self._refresh_after - age
-            if store is not None:
-                # The lock decides who fetches: its holder is fetching now, or failed to and
-                # keeps it until its retry is due, so the fleet asks once per retry interval.
+                shared.ok()
+            if copy is not None and (fresh := self._adopt_if_fresh(copy)) is not None:
+                return fresh
+            if shared is not None:
+                # The lock decides who fetches, so the fleet asks about once per retry interval.
                 try:
-                    token = await store.try_lock(LOCK_NAME, ttl=self._lock_ttl)
-                except Exception as exc:
-                    self._store_failed("try_lock", exc)
+                    token = await shared.lock()
+                except StoreDown:
                     can_put = False
                 else:
                     if token is None:
@@ -428,20 +275,25 @@ class ConfigManager:
                         if self.current is not None:
                             return "unchanged", self._lock_retry
                         # Nothing at all to serve: wait for the holder's copy, or the lock.
-                        token, shared = await self._await_holder(store)
-                        if shared is not None:
-                            return shared
+                        token, delivered = await shared.await_holder()
+                        if delivered is not None:
+                            self._adopt(delivered.config, "store", delivered.fetched_at)
+                            age = self._age(delivered)
+                            return "shared", max(self._refresh_after - age, self._lock_retry)
                         if token is None:
                             return "unchanged", self._lock_retry
             else:
                 can_put = False
         failed: FetchError | None = None
         try:
-            if token is not None and store is not None:
+            if token is not None and shared is not None:
                 # Another instance may have refreshed between our read and taking the lock.
-                shared = await self._fresh_copy(store)
-                if shared is not None:
-                    return shared
+                try:
+                    latest = await shared.read()
+                except StoreDown:
+                    latest = None
+                if latest is not None and (fresh := self._adopt_if_fresh(latest)) is not None:
+                    return fresh
             try:
                 config, raw = await remote.fetch(self._client())
             except FetchError as exc:
@@ -449,89 +301,35 @@ class ConfigManager:
                 self._failed(exc, copy)
                 return "error", self.retry_interval
             fetched_at = self._wall_clock()
-            if can_put and self._store is not None:
-                try:
-                    await self._store.put_config(raw, fetched_at)
-                except Exception as exc:
-                    self._store_failed("put_config", exc)
+            if can_put and self._shared is not None:
+                await self._shared.put(raw, fetched_at)
         finally:
-            if token is not None and self._store is not None:
-                await self._release(self._store, token, failed)
+            if token is not None and self._shared is not None:
+                await self._release(self._shared, token, failed)
         changed = self._adopt(config, "control_plane", fetched_at)
         self._recovered()
         return ("success" if changed else "unchanged"), self._refresh_after
 
-    async def _release(self, store: Store, token: str, failed: FetchError | None) -> None:
+    async def _release(self, shared: SharedConfig, token: str, failed: FetchError | None) -> None:
         """Free the lock; after a failure of the control plane, keep it until just before this
         instance's retry is due instead, so that no other instance asks meanwhile (and the next
         fetch may be anyone's: one instance that cannot reach the control plane does not keep
         the fleet from trying). A failure of this instance's own (its key is not set) frees it
         at once: another may well succeed."""
         hold = failed is not None and not (failed.kind == "auth" and failed.status_code is None)
-        try:
-            if hold:
-                await store.hold_lock(LOCK_NAME, token, FAILURE_HOLD * self.retry_interval)
-            else:
-                await store.unlock(LOCK_NAME, token)
-        except Exception as exc:
-            self._store_failed("hold_lock" if hold else "unlock", exc)
+        await shared.release(token, FAILURE_HOLD * self.retry_interval if hold else None)
 
-    async def _await_holder(
-        self, store: Store
-    ) -> tuple[str | None, tuple[RefreshResult, float] | None]:
-        """With nothing to serve and the lock held: wait (at most the lock's TTL, real time)
-        for the copy its holder stores, or for the lock to be free, rather than ask the control
-        plane too. Returns (our lock token, None), (None, the result of adopting a copy), or
-        (None, None) when the lock is still held: its holder's fetch failed."""
-        pause = 0.05
-        with anyio.move_on_after(self._lock_ttl):
-            while True:
-                await anyio.sleep(pause)
-                pause = min(pause * 2, 0.25)
-                operation = "get_config"
-                try:
-                    copy = self._parse_copy(await store.get_config())
-                    if copy is None:
-                        operation = "try_lock"
-                        token = await store.try_lock(LOCK_NAME, self._lock_ttl)
-                        if token is not None:
-                            return token, None
-                except Exception as exc:
-                    self._store_failed(operation, exc)
-                    return None, None
-                if copy is not None:
-                    self._adopt(copy.config, "store", copy.fetched_at)
-                    age = max(0.0, self._wall_clock() - copy.fetched_at)
-                    return None, ("shared", max(self._refresh_after - age, self._lock_retry))
-        return None, None
-
-    async def _fresh_copy(self, store: Store) -> tuple[RefreshResult, float] | None:
+    def _adopt_if_fresh(self, copy: Copy) -> tuple[RefreshResult, float] | None:
         """Adopt the shared copy if it is fresh; returns the refresh result, or None."""
-        try:
-            copy = self._parse_copy(await store.get_config())
-        except Exception as exc:
-            self._store_failed("get_config", exc)
-            return None
-        if copy is None:
-            return None
-        age = max(0.0, self._wall_clock() - copy.fetched_at)
+        age = self._age(copy)
         if age >= self._refresh_after:
             return None
         self._adopt(copy.config, "store", copy.fetched_at)
         self._recovered()
         return "shared", self._refresh_after - age
 
-    def _parse_copy(self, got: tuple[bytes, float] | None) -> _Copy | None:
-        if got is None:
-            return None
-        raw, fetched_at = got
-        try:
-            data = msgspec.json.decode(raw)
-            config = TierConfig.from_data(data, source_name="the store's config copy")
-        except (ValueError, RecursionError, ConfigError) as exc:
-            logger.debug("ignoring an unusable shared config copy", extra={"error": str(exc)})
-            return None
-        return _Copy(config, float(fetched_at))
+    def _age(self, copy: Copy) -> float:
+        return max(0.0, self._wall_clock() - copy.fetched_at)
 
     def _adopt(self, config: TierConfig, origin: ConfigOrigin, fetched_at: float | None) -> bool:
         """Make `config` current; returns whether its content changed (and on_change ran)."""
@@ -558,7 +356,7 @@ class ConfigManager:
                 logger.exception("on_change callback failed")
         return True
 
-    def _failed(self, exc: FetchError, copy: _Copy | None) -> None:
+    def _failed(self, exc: FetchError, copy: Copy | None) -> None:
         self.consecutive_failures += 1
         self.last_error = exc.reason
         if copy is not None and self.origin in (None, "fallback"):
@@ -607,16 +405,8 @@ class ConfigManager:
         self.consecutive_failures = 0
         self.last_error = None
 
-    def _store_failed(self, operation: str, exc: Exception) -> None:
-        assert self._store is not None
-        self._store_outage.failed(self._store.name, operation, exc)
 
-    def _store_ok(self) -> None:
-        if self._store_outage.failing and self._store is not None:
-            self._store_outage.ok(self._store.name)
-
-
-def _static_name(source: StaticSource) -> str:
+def _static_name(source: StaticConfig) -> str:
     if isinstance(source, TierConfig):
         return "config"
     if isinstance(source, Mapping):
@@ -624,4 +414,4 @@ def _static_name(source: StaticSource) -> str:
     return str(source)
 
 
-__all__ = ["ConfigManager", "ControlPlaneSource", "FetchError", "RefreshResult"]
+__all__ = ["ConfigManager", "ConfigOrigin", "ConfigSource", "RefreshResult"]

@@ -1,7 +1,9 @@
-"""ConfigManager / ControlPlaneSource against a real HTTP control plane on a loopback port.
+"""ConfigManager: the hot path, refresh ahead of expiry, single-flight, last-known-good, the
+fallback, static sources, and a fleet sharing one copy through a store.
 
-Time is moved with injected clocks; the only real waiting is for background tasks to finish and,
-in the timeout tests, for the (deliberately short) timeouts themselves.
+It fetches from a real HTTP control plane on a loopback port. Time is moved with injected clocks;
+the only real waiting is for background tasks to finish and, in the timeout tests, for the
+(deliberately short) timeouts themselves.
 """
 
 from __future__ import annotations
@@ -10,28 +12,24 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from _clock import FakeClock
+from config_harness import REFRESH_AT, RETRY, TTL, Make, cp_source, managers, warnings_of
 from control_plane import ControlPlane, tier_payload
 from tier_middleware import ConfigError, TierConfig
-from tier_middleware._sources import ConfigManager, ControlPlaneSource, RefreshResult
+from tier_middleware._config_manager import ConfigManager
+from tier_middleware._control_plane import ControlPlaneSource
 from tier_middleware._stores.base import StoreError
 from tier_middleware._stores.memory import MemoryStore
 
 pytestmark = pytest.mark.anyio
 
-TTL = 100.0
-REFRESH_AT = 80.0  # the default refresh_ahead (0.8) of TTL
-RETRY = 30.0  # the default retry_interval: min(ttl, 30)
 LOCK_RETRY = 3.0  # min(retry_interval, timeout + 1) with the default 2 s timeout
-SECRET = "sk-live-7f3a9c1e-very-secret"
-HEADER_SECRET = "tenant-token-4d2b8e"
 
 FALLBACK: dict[str, Any] = {
     "version": "fallback",
@@ -43,32 +41,6 @@ FALLBACK: dict[str, Any] = {
 }
 
 
-@dataclass
-class Harness:
-    manager: ConfigManager
-    mono: FakeClock
-    wall: FakeClock
-    changes: list[TierConfig] = field(default_factory=list)
-    results: list[RefreshResult] = field(default_factory=list)
-
-    @property
-    def versions(self) -> list[str]:
-        return [c.version for c in self.changes]
-
-    def advance(self, seconds: float) -> None:
-        self.mono.advance(seconds)
-        self.wall.advance(seconds)
-
-    async def tick_after(self, seconds: float) -> None:
-        """Move time on, make one request's tick and let any refresh it started finish."""
-        self.advance(seconds)
-        self.manager.tick()
-        await self.manager.wait_idle()
-
-
-Make = Callable[..., Harness]
-
-
 @pytest.fixture
 async def control_plane(anyio_backend: str) -> AsyncIterator[ControlPlane]:
     async with ControlPlane() as cp:
@@ -77,82 +49,11 @@ async def control_plane(anyio_backend: str) -> AsyncIterator[ControlPlane]:
 
 @pytest.fixture
 async def make(anyio_backend: str) -> AsyncIterator[Make]:
-    """Build managers on fake clocks (shared between managers unless given); closed afterwards."""
-    created: list[ConfigManager] = []
-    shared_mono, shared_wall = FakeClock(1000.0), FakeClock(1_700_000_000.0)
-
-    def build(source: Any, **kwargs: Any) -> Harness:
-        mono = kwargs.pop("clock", shared_mono)
-        wall = kwargs.pop("wall_clock", shared_wall)
-        h = Harness(manager=None, mono=mono, wall=wall)  # type: ignore[arg-type]
-        h.manager = ConfigManager(
-            source,
-            clock=mono,
-            wall_clock=wall,
-            on_change=h.changes.append,
-            on_refresh=h.results.append,
-            **kwargs,
-        )
-        created.append(h.manager)
-        return h
-
-    yield build
-    for manager in created:
-        await manager.aclose()
+    async with managers() as build:
+        yield build
 
 
-def cp_source(cp: ControlPlane, **kwargs: Any) -> ControlPlaneSource:
-    kwargs.setdefault("ttl", TTL)
-    return ControlPlaneSource(cp.url, **kwargs)
-
-
-def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [
-        r for r in caplog.records if r.name == "tier_middleware" and r.levelno == logging.WARNING
-    ]
-
-
-# -- first load and the hot path -----------------------------------------------------------------
-
-
-async def test_first_load_reads_the_envelope_in_camel_case(
-    control_plane: ControlPlane, make: Make
-) -> None:
-    h = make(cp_source(control_plane))
-    m = h.manager
-    assert m.current is None
-    assert m.source_name == control_plane.url
-
-    config = await m.ready()
-
-    assert config is not None
-    assert config is m.current
-    assert config.version == "1"
-    assert config.updated_at == "2024-06-01T12:00:00Z"
-    mini = config.models("simple")[0]
-    assert (mini.model, mini.relative_cost, mini.input_price_per_million) == (
-        "gpt-4o-mini",
-        1,
-        0.15,
-    )
-    assert control_plane.hits == 1
-    assert h.results == ["success"]
-    assert h.changes == [config]
-    assert m.origin == "control_plane"
-    assert m.loaded_at == h.wall.now
-    request = control_plane.requests[0]
-    assert (request.method, request.path) == ("GET", "/api/v1/tiers/config")
-    assert request.headers["accept"] == "application/json"
-    assert "authorization" not in request.headers
-
-
-async def test_a_payload_without_the_envelope_is_accepted(
-    control_plane: ControlPlane, make: Make
-) -> None:
-    control_plane.behaviour = "bare"
-    config = await make(cp_source(control_plane)).manager.ready()
-    assert config is not None
-    assert config.version == "1"
+# -- the hot path ---------------------------------------------------------------------------------
 
 
 async def test_the_hot_path_makes_no_request_before_the_refresh_point(
@@ -237,42 +138,6 @@ async def test_concurrent_callers_share_one_fetch(
 
 
 # -- stale-if-error ------------------------------------------------------------------------------
-
-BAD_ANSWERS = {
-    "html": "not JSON",
-    "error500": "HTTP 500",
-    "truncated": "RemoteProtocolError",
-    "truncated_json": "not JSON",
-    "bad_utf8": "not JSON",
-    "failure": "reported failure: tier table is being migrated",
-    "empty_tiers": "has no models",
-    "zero_cost": "relative_cost must be >= 1",
-    "slow": "no complete answer within 0.25s",
-    "down": "ConnectError",
-}
-
-
-@pytest.mark.parametrize("behaviour", list(BAD_ANSWERS))
-async def test_every_bad_answer_keeps_the_last_known_good_config(
-    control_plane: ControlPlane, make: Make, behaviour: str
-) -> None:
-    h = make(cp_source(control_plane, timeout=0.25))
-    good = await h.manager.ready()
-    assert good is not None
-    if behaviour == "down":
-        await control_plane.stop()
-    else:
-        control_plane.behaviour = behaviour
-
-    await h.tick_after(REFRESH_AT)
-
-    assert h.manager.current is good
-    assert h.manager.origin == "control_plane"
-    assert h.results == ["success", "error"]
-    assert h.changes == [good]
-    assert h.manager.consecutive_failures == 1
-    assert h.manager.last_error is not None
-    assert BAD_ANSWERS[behaviour] in h.manager.last_error
 
 
 async def test_one_warning_per_failure_streak_and_info_on_recovery(
@@ -400,76 +265,7 @@ async def test_without_any_config_current_stays_none_and_fetches_back_off(
     assert h.versions == ["3"]
 
 
-# -- credentials ---------------------------------------------------------------------------------
-
-
-async def test_the_api_key_is_sent_as_a_bearer_token_and_never_logged(
-    control_plane: ControlPlane,
-    make: Make,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    caplog.set_level(logging.DEBUG)  # every logger, httpx and httpcore included
-    monkeypatch.setenv("TIER_CP_KEY", SECRET)
-    source = cp_source(
-        control_plane, api_key_env="TIER_CP_KEY", headers={"X-Tenant-Token": HEADER_SECRET}
-    )
-    assert SECRET not in repr(source)
-    assert HEADER_SECRET not in repr(source)
-    h = make(source)
-
-    await h.manager.ready()
-    sent = control_plane.requests[-1].headers
-    assert sent["authorization"] == f"Bearer {SECRET}"
-    assert sent["x-tenant-token"] == HEADER_SECRET
-
-    # The variable is read at every fetch: a rotated key is picked up without a restart.
-    monkeypatch.setenv("TIER_CP_KEY", SECRET + "-rotated")
-    await h.tick_after(REFRESH_AT)
-    assert control_plane.requests[-1].headers["authorization"] == f"Bearer {SECRET}-rotated"
-
-    for i, behaviour in enumerate(("error500", "html", "truncated", "failure")):
-        control_plane.behaviour = behaviour
-        await h.tick_after(REFRESH_AT if i == 0 else RETRY)
-    await control_plane.stop()
-    await h.tick_after(RETRY)
-    assert control_plane.hits == 6
-
-    # A missing or malformed key fails the refresh without a request (and names the variable).
-    monkeypatch.delenv("TIER_CP_KEY")
-    await h.tick_after(RETRY)
-    assert h.manager.last_error is not None
-    assert "TIER_CP_KEY" in h.manager.last_error
-    monkeypatch.setenv("TIER_CP_KEY", "sk-line\nbreak-secret")
-    await h.tick_after(RETRY)
-    assert "valid header value" in (h.manager.last_error or "")
-    assert control_plane.hits == 6
-    assert h.results == ["success", "unchanged"] + ["error"] * 7
-
-    assert warnings_of(caplog)  # the failures were logged...
-    for record in caplog.records:  # ...and nothing logged holds a credential
-        text = record.getMessage() + repr(record.__dict__)
-        for secret in (SECRET, HEADER_SECRET, "sk-line", "break-secret"):
-            assert secret not in text, f"{secret!r} leaked into log record {record.__dict__}"
-
-
-# -- timeouts ------------------------------------------------------------------------------------
-
-
-async def test_a_slow_control_plane_fails_within_its_timeout(
-    control_plane: ControlPlane, make: Make
-) -> None:
-    control_plane.behaviour = "slow"
-    h = make(cp_source(control_plane, timeout=0.3))
-
-    start = time.perf_counter()
-    config = await h.manager.ready()
-    elapsed = time.perf_counter() - start
-
-    assert config is None
-    assert elapsed < 0.3 + 0.7, f"ready() took {elapsed:.2f}s"
-    assert h.results == ["error"]
-    assert "no complete answer within 0.3s" in (h.manager.last_error or "")
+# -- waiting for a config ------------------------------------------------------------------------
 
 
 async def test_ready_timeout_bounds_the_wait_and_serves_the_fallback_meanwhile(
@@ -573,16 +369,7 @@ def test_a_bad_static_or_fallback_config_fails_at_construction() -> None:
         )
 
 
-def test_source_and_manager_arguments_are_validated() -> None:
-    for url in ("ftp://cp.example.com/config", "/api/v1/tiers/config", "cp.example.com"):
-        with pytest.raises(ValueError, match="absolute http"):
-            ControlPlaneSource(url)
-    with pytest.raises(ValueError, match="timeout"):
-        ControlPlaneSource("https://cp.example.com/x", timeout=0)
-    with pytest.raises(ValueError, match="ttl"):
-        ControlPlaneSource("https://cp.example.com/x", ttl=float("inf"))
-    with pytest.raises(ValueError, match="api_key_env"):
-        ControlPlaneSource("https://cp.example.com/x", api_key_env="")
+def test_manager_arguments_are_validated() -> None:
     source = ControlPlaneSource("https://cp.example.com/x")
     with pytest.raises(ValueError, match="refresh_ahead"):
         ConfigManager(source, refresh_ahead=0)
@@ -592,17 +379,7 @@ def test_source_and_manager_arguments_are_validated() -> None:
         ConfigManager(source, retry_interval=0)
 
 
-def test_the_source_name_carries_no_credentials() -> None:
-    source = ControlPlaneSource(
-        "https://user:pa55word@cp.example.com:8443/api/v1/tiers/config?token=abc#frag",
-        headers={"X-Api-Key": HEADER_SECRET},
-    )
-    expected = "https://cp.example.com:8443/api/v1/tiers/config"
-    assert source.display_url == expected
-    assert ConfigManager(source).source_name == expected
-    assert repr(source) == (
-        f"ControlPlaneSource({expected!r}, api_key_env=None, timeout=2.0, ttl=1800.0)"
-    )
+# -- callbacks and event loops -------------------------------------------------------------------
 
 
 async def test_callback_errors_are_logged_and_do_not_stop_refreshing(
