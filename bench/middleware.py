@@ -59,7 +59,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _support import HOST, child_setup, cpu_seconds, free_port, stop, wait_listening
+from _support import (
+    HOST,
+    SIMPLE_MODELS,
+    child_setup,
+    cpu_seconds,
+    free_port,
+    stop,
+    tier_config,
+    wait_listening,
+)
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -75,26 +84,7 @@ CONNECTIONS = 32
 VARIANTS = ("bare", "middleware", "passthrough", "reference")
 ROUTED = ("middleware", "reference")  # variants that get the "tier" body and must rewrite it
 
-CONFIG: dict[str, Any] = {
-    "version": "bench",
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "gpt-4o-mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "claude-3-5-haiku", "relative_cost": 2},
-            {"provider": "google", "model": "gemini-1.5-flash", "relative_cost": 1},
-        ],
-        "moderate": [
-            {"provider": "openai", "model": "gpt-4o", "relative_cost": 8},
-            {"provider": "anthropic", "model": "claude-3-5-sonnet", "relative_cost": 10},
-        ],
-        "complex": [
-            {"provider": "openai", "model": "o1", "relative_cost": 40},
-            {"provider": "anthropic", "model": "claude-3-opus", "relative_cost": 50},
-            {"provider": "google", "model": "gemini-1.5-pro", "relative_cost": 20},
-        ],
-    },
-}
-SIMPLE_MODELS = frozenset(m["model"] for m in CONFIG["tiers"]["simple"])
+CONFIG = tier_config("bench")
 
 # -- the request body -----------------------------------------------------------------------------
 
