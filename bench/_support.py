@@ -4,6 +4,7 @@ is imported by the package or its tests."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -137,3 +138,12 @@ def cpu_seconds(pid: int | None) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def run_loop(coro: Any) -> Any:
+    """asyncio.run, on uvloop when it is installed (as uvicorn runs the servers)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
