@@ -12,6 +12,14 @@ JSONResponse):
 * ``reference``   -- a yardstick, not the product: a few lines of ASGI doing only the work any
                      tier router must do (validate and rewrite the body, add four headers).
 
+Over HTTP only, an endpoint that calls a provider, as real ones do: it posts the chat body to a
+fake OpenAI-style provider in another process (``provider_app``, served on its own loopback
+port) with one keep-alive ``httpx.AsyncClient`` for the server process, and answers the
+provider's completion, ``usage`` included (so the middleware's token and cost accounting runs):
+
+* ``provider-bare``   -- that endpoint with no middleware, the ``"model"`` body;
+* ``provider-routed`` -- the same endpoint behind TierRoutingMiddleware, the ``"tier"`` body.
+
 ``trivial_app`` answers what the endpoint answers with no framework at all: the profile wraps it
 to count the middleware's own work.
 """
@@ -19,6 +27,9 @@ to count the middleware's own work.
 from __future__ import annotations
 
 import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from _support import tier_config
@@ -33,7 +44,10 @@ from tier_middleware import TierRoutingMiddleware
 CHAT_PATH = "/v1/chat/completions"
 CONFIG = tier_config("bench")
 VARIANTS = ("bare", "middleware", "passthrough", "reference")
-ROUTED = ("middleware", "reference")  # variants that get the "tier" body and must rewrite it
+PROVIDER_VARIANTS = ("provider-bare", "provider-routed")  # over HTTP only
+# Variants that get the "tier" body and must rewrite it.
+ROUTED = ("middleware", "reference", "provider-routed")
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 # -- the request body -----------------------------------------------------------------------------
 
@@ -223,14 +237,59 @@ def reference_middleware(app: Any) -> Any:
     return middleware
 
 
-def build_app(variant: str) -> Any:
-    routes = [Route(CHAT_PATH, chat, methods=["POST"])]
-    if variant == "bare":
+def provider_endpoint(provider_url: str) -> Callable[[Request], Awaitable[JSONResponse]]:
+    """A chat endpoint that calls the provider at `provider_url`: the request's JSON posted on,
+    the provider's JSON answered. One client for the server process, made with the app, holds
+    keep-alive connections to the provider (the OpenAI SDK's pool limits)."""
+    import httpx
+
+    client = httpx.AsyncClient(
+        base_url=provider_url,
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        timeout=30.0,
+    )
+
+    async def chat_via_provider(request: Request) -> JSONResponse:
+        data = await request.json()
+        reply = await client.post(CHAT_PATH, json=data)
+        return JSONResponse(reply.json(), status_code=reply.status_code)
+
+    return chat_via_provider
+
+
+def provider_app() -> Any:
+    """The tests' fake OpenAI-style provider (tests/llm_provider.py) as a plain ASGI app: a
+    small chat.completion naming the model it was asked for, `usage` last, as real providers
+    answer. The tests read the calls it records; a long run would only grow that list, so each
+    request's record is dropped once it is answered."""
+    if TESTS not in sys.path:
+        sys.path.append(TESTS)
+    from llm_provider import FakeProvider
+
+    provider = FakeProvider()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await provider.asgi(scope, receive, send)
+        provider.hits.clear()
+        provider.calls.clear()
+
+    return app
+
+
+def build_app(variant: str, provider_url: str | None = None) -> Any:
+    """The variant's app; the provider variants call the provider at `provider_url`."""
+    if variant in PROVIDER_VARIANTS:
+        if provider_url is None:
+            raise ValueError(f"{variant} needs a provider_url")
+        routes = [Route(CHAT_PATH, provider_endpoint(provider_url), methods=["POST"])]
+    else:
+        routes = [Route(CHAT_PATH, chat, methods=["POST"])]
+    if variant in ("bare", "provider-bare"):
         return Starlette(routes=routes)
     if variant == "reference":
         return reference_middleware(Starlette(routes=routes))
     # passthrough: same app, same request path, but the middleware is not opted in for it.
-    opted_in = [CHAT_PATH] if variant == "middleware" else ["/v1/embeddings"]
+    opted_in = ["/v1/embeddings"] if variant == "passthrough" else [CHAT_PATH]
     return Starlette(
         routes=routes,
         middleware=[Middleware(TierRoutingMiddleware, config=CONFIG, routes=opted_in)],

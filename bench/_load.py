@@ -17,10 +17,18 @@ import tempfile
 import time
 from typing import Any
 
-from _apps import CHAT_PATH, ROUTED, VARIANTS, body_for, build_app
+from _apps import (
+    CHAT_PATH,
+    PROVIDER_VARIANTS,
+    ROUTED,
+    body_for,
+    build_app,
+    provider_app,
+)
 from _support import (
     HOST,
     SIMPLE_MODELS,
+    START_TIMEOUT,
     child_setup,
     cpu_seconds,
     free_port,
@@ -33,12 +41,11 @@ CONNECTIONS = 32
 ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "middleware.py")
 
 
-def serve(variant: str, port: int) -> None:
-    """Child process: run uvicorn for one variant (invoked via the hidden --serve flag)."""
+def _uvicorn(app: Any, port: int) -> None:
     import uvicorn
 
     uvicorn.run(
-        build_app(variant),
+        app,
         host=HOST,
         port=port,
         loop="uvloop",
@@ -50,8 +57,27 @@ def serve(variant: str, port: int) -> None:
     )
 
 
-def start_server(variant: str, port: int, cpu: int | None) -> subprocess.Popen[bytes]:
+def serve(variant: str, port: int, provider_url: str | None = None) -> None:
+    """Child process: run uvicorn for one variant (invoked via the hidden --serve flag)."""
+    _uvicorn(build_app(variant, provider_url), port)
+
+
+def serve_provider(port: int) -> None:
+    """Child process: run uvicorn for the fake provider (the hidden --serve-provider flag)."""
+    _uvicorn(provider_app(), port)
+
+
+def start_server(
+    variant: str, port: int, cpu: int | None, provider_url: str | None = None
+) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, ENTRY, "--serve", variant, "--port", str(port)]
+    if provider_url is not None:
+        cmd += ["--provider-url", provider_url]
+    return subprocess.Popen(cmd, preexec_fn=child_setup(cpu), stdin=subprocess.DEVNULL)
+
+
+def start_provider(port: int, cpu: int | None) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, ENTRY, "--serve-provider", "--port", str(port)]
     return subprocess.Popen(cmd, preexec_fn=child_setup(cpu), stdin=subprocess.DEVNULL)
 
 
@@ -147,8 +173,7 @@ async def loadgen(port: int, body: bytes, warmup: float, seconds: float) -> dict
                     counts[i] += 1
                     if not head.startswith(b"HTTP/1.1 200"):
                         bad[i] += 1
-                    if counts[i] % 16 == 0:
-                        latencies.append(time.perf_counter() - t0)
+                    latencies.append(time.perf_counter() - t0)
         finally:
             writer.close()
 
@@ -207,7 +232,20 @@ def run_pyload(
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def over_http(seconds: float, warmup: float, rounds: int, loadgen: str) -> dict[str, Any]:
+# What each variant's requests per second are divided by, round by round.
+BASELINES = {
+    "middleware": "bare",
+    "passthrough": "bare",
+    "reference": "bare",
+    "provider-routed": "provider-bare",
+}
+
+
+def over_http(
+    variants: tuple[str, ...], seconds: float, warmup: float, rounds: int, loadgen: str
+) -> dict[str, Any]:
+    """Each round runs every variant once on a fresh server, the order reversed every other
+    round; medians over rounds, and each variant's median ratio to its baseline (BASELINES)."""
     use_wrk = loadgen == "wrk" or (loadgen == "auto" and shutil.which("wrk") is not None)
     if loadgen == "wrk" and shutil.which("wrk") is None:
         raise SystemExit("--loadgen wrk: wrk is not on PATH")
@@ -223,51 +261,104 @@ def over_http(seconds: float, warmup: float, rounds: int, loadgen: str) -> dict[
         f"  per run: {warmup:g} s warm-up then {seconds:g} s measured; {rounds} round(s), "
         "fresh server per run"
     )
-    results: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
-    with tempfile.TemporaryDirectory(prefix="tier-bench-") as workdir:
-        for r in range(rounds):
-            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
-            for variant in order:
-                port = free_port()
-                body = body_for(variant)
-                proc = start_server(variant, port, server_cpu)
-                try:
-                    wait_listening(proc, port)
-                    check_http(variant, port)
-                    if use_wrk:
-                        run_wrk(port, body, warmup, gen_cpu, workdir)  # warm-up, discarded
-                        cpu0 = cpu_seconds(proc.pid)
-                        res = run_wrk(port, body, seconds, gen_cpu, workdir)
-                    else:
-                        cpu0 = cpu_seconds(proc.pid)
-                        res = run_pyload(port, body, warmup, seconds, gen_cpu, workdir)
-                    cpu1 = cpu_seconds(proc.pid)
-                finally:
-                    stop(proc)
-                res["cpu_us"] = (
-                    (cpu1 - cpu0) / res["requests"] * 1e6
-                    if cpu0 is not None and cpu1 is not None and res["requests"]
-                    else None
-                )
-                results[variant].append(res)
-                note = f" non-2xx={res['non2xx']}" if res["non2xx"] else ""
-                note += f" {res['socket_errors']}" if res["socket_errors"] else ""
-                cpu = f"{res['cpu_us']:6.1f}" if res["cpu_us"] is not None else "   n/a"
-                print(
-                    f"  round {r + 1} {variant:<12} {res['rps']:>9.0f} req/s  "
-                    f"p50 {res['p50']:>8}  p99 {res['p99']:>8}  server CPU {cpu} us/req{note}"
-                )
-    summary: dict[str, Any] = {v: statistics.median(x["rps"] for x in results[v]) for v in VARIANTS}
-    for v in VARIANTS:
-        cpus_us = [x["cpu_us"] for x in results[v] if x["cpu_us"] is not None]
-        summary[f"{v}_cpu"] = statistics.median(cpus_us) if cpus_us else None
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    provider: subprocess.Popen[bytes] | None = None
+    provider_url = None
+    try:
+        if any(v in PROVIDER_VARIANTS for v in variants):
+            provider_port = free_port()
+            provider = start_provider(provider_port, gen_cpu)
+            # It imports the tests' SDKs and frameworks: slow to start on a busy machine.
+            wait_listening(provider, provider_port, timeout=3 * START_TIMEOUT)
+            provider_url = f"http://{HOST}:{provider_port}"
+            where = "" if gen_cpu is None else f" on CPU {gen_cpu} (beside the load generator)"
+            print(
+                f"  provider variants: the fake provider (tests/llm_provider.py) under uvicorn "
+                f"at {provider_url}{where}, one process for the whole run"
+            )
+        with tempfile.TemporaryDirectory(prefix="tier-bench-") as workdir:
+            for r in range(rounds):
+                for variant in variants if r % 2 == 0 else variants[::-1]:
+                    url = provider_url if variant in PROVIDER_VARIANTS else None
+                    provider_pid = provider.pid if url is not None and provider else None
+                    res = _run(variant, url, provider_pid, seconds, warmup, use_wrk, workdir,
+                               server_cpu, gen_cpu)  # fmt: skip
+                    results[variant].append(res)
+                    _print_run(r, variant, res)
+    finally:
+        stop(provider)
+    summary: dict[str, Any] = {v: statistics.median(x["rps"] for x in results[v]) for v in variants}
+    for v in variants:
+        for key in ("cpu_us", "provider_cpu_us", "busy"):
+            values = [x[key] for x in results[v] if x.get(key) is not None]
+            summary[f"{v}_{key}"] = statistics.median(values) if values else None
     # Each round runs every variant once, back to back: a ratio within a round shares that
     # round's machine load, so the median of per-round ratios holds up better than a ratio of
     # medians when other tenants come and go.
-    for v in VARIANTS:
-        summary[f"{v}_ratio"] = statistics.median(
-            x["rps"] / b["rps"] for x, b in zip(results[v], results["bare"], strict=True)
-        )
-    summary["errors"] = sum(x["non2xx"] for v in VARIANTS for x in results[v])
+    for v, base in BASELINES.items():
+        if v in results and base in results:
+            summary[f"{v}_ratio"] = statistics.median(
+                x["rps"] / b["rps"] for x, b in zip(results[v], results[base], strict=True)
+            )
+    # How far the bare endpoint's own runs spread (range over median): what "within noise" is.
+    bare = [x["rps"] for x in results.get("bare", [])]
+    summary["bare_spread"] = (max(bare) - min(bare)) / statistics.median(bare) if bare else None
+    summary["errors"] = sum(x["non2xx"] for v in variants for x in results[v])
     summary["generator"] = gen_name
     return summary
+
+
+def _run(
+    variant: str,
+    provider_url: str | None,
+    provider_pid: int | None,
+    seconds: float,
+    warmup: float,
+    use_wrk: bool,
+    workdir: str,
+    server_cpu: int | None,
+    gen_cpu: int | None,
+) -> dict[str, Any]:
+    """One run of one variant on a fresh server; the generator's figures, and the CPU time the
+    server (and the provider) used per request."""
+    port = free_port()
+    body = body_for(variant)
+    proc = start_server(variant, port, server_cpu, provider_url)
+    try:
+        wait_listening(proc, port)
+        check_http(variant, port)
+        if use_wrk:
+            run_wrk(port, body, warmup, gen_cpu, workdir)  # warm-up, discarded
+        cpu0, provider0 = cpu_seconds(proc.pid), cpu_seconds(provider_pid)
+        if use_wrk:
+            res = run_wrk(port, body, seconds, gen_cpu, workdir)
+        else:
+            res = run_pyload(port, body, warmup, seconds, gen_cpu, workdir)
+        cpu1, provider1 = cpu_seconds(proc.pid), cpu_seconds(provider_pid)
+    finally:
+        stop(proc)
+
+    def per_request(t0: float | None, t1: float | None) -> float | None:
+        if t0 is None or t1 is None or not res["requests"]:
+            return None
+        return (t1 - t0) / res["requests"] * 1e6
+
+    res["cpu_us"] = per_request(cpu0, cpu1)
+    res["provider_cpu_us"] = per_request(provider0, provider1)
+    # The share of its CPU the server was busy: near 1 when it, not the generator or the
+    # provider, set the pace.
+    res["busy"] = res["rps"] * res["cpu_us"] / 1e6 if res["cpu_us"] is not None else None
+    return res
+
+
+def _print_run(r: int, variant: str, res: dict[str, Any]) -> None:
+    note = f" non-2xx={res['non2xx']}" if res["non2xx"] else ""
+    note += f" {res['socket_errors']}" if res["socket_errors"] else ""
+    cpu = f"{res['cpu_us']:6.1f}" if res["cpu_us"] is not None else "   n/a"
+    busy = f" ({res['busy']:4.0%} busy)" if res["busy"] is not None else ""
+    if res["provider_cpu_us"] is not None:
+        note = f", provider {res['provider_cpu_us']:5.1f}" + note
+    print(
+        f"  round {r + 1} {variant:<15} {res['rps']:>7.0f} req/s  "
+        f"p50 {res['p50']:>8}  p99 {res['p99']:>8}  CPU us/req: server {cpu}{busy}{note}"
+    )

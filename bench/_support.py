@@ -81,16 +81,18 @@ def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> int | N
     return proc.returncode
 
 
-def wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
+def wait_listening(
+    proc: subprocess.Popen[bytes], port: int, timeout: float = START_TIMEOUT
+) -> None:
     """Until `port` accepts connections; RuntimeError if the child exits or takes too long."""
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
             return
         time.sleep(0.05)  # polling interval
-    raise RuntimeError(f"server on port {port} not ready after {START_TIMEOUT} s")
+    raise RuntimeError(f"server on port {port} not ready after {timeout} s")
 
 
 def redis_ping(port: int) -> bool:
