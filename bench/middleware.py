@@ -210,7 +210,7 @@ def report_http(out: Summary, http: dict[str, Any]) -> None:
         busy = [http.get(f"{v}_busy") for v in PROVIDER_VARIANTS]
         if None not in busy:
             idle = min(busy) < BUSY_FLOOR  # type: ignore[type-var]
-            note = f"(< {BUSY_FLOOR:.0%}: the server did not set the pace)" if idle else "(info)"
+            note = f"(< {BUSY_FLOOR:.0%}: not the bottleneck)" if idle else "(info)"
             out.info("server busy, provider bare / routed",
                      " / ".join(f"{b:.0%}" for b in busy), note)  # fmt: skip
     if http["errors"]:
