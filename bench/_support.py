@@ -1,8 +1,10 @@
-"""Process plumbing the benchmark scripts share: ports, child processes, a private redis-server,
-CPU time from /proc. Scripts, not tests: nothing here is imported by the package or its tests."""
+"""What the benchmark scripts share: the tiers they route over, and the process plumbing (ports,
+child processes, a private redis-server, CPU time from /proc). Scripts, not tests: nothing here
+is imported by the package or its tests."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -11,9 +13,37 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 HOST = "127.0.0.1"  # loopback only
 START_TIMEOUT = 20.0  # seconds for a child server to come up
+
+# The tiers every script routes over: (provider, model, relative cost), three providers as a
+# real deployment has them. The tests' configs (tests/configs.py) are smaller on purpose; the
+# bench keeps this one so that its figures stay comparable from one change to the next.
+MODELS: dict[str, tuple[tuple[str, str, int], ...]] = {
+    "simple": (
+        ("openai", "gpt-4o-mini", 1),
+        ("anthropic", "claude-3-5-haiku", 2),
+        ("google", "gemini-1.5-flash", 1),
+    ),
+    "moderate": (("openai", "gpt-4o", 8), ("anthropic", "claude-3-5-sonnet", 10)),
+    "complex": (
+        ("openai", "o1", 40),
+        ("anthropic", "claude-3-opus", 50),
+        ("google", "gemini-1.5-pro", 20),
+    ),
+}
+SIMPLE_MODELS = frozenset(model for _, model, _ in MODELS["simple"])
+
+
+def tier_config(version: str) -> dict[str, Any]:
+    """MODELS as a TierRoutingMiddleware config named `version` (a fresh dict each call)."""
+    tiers = {
+        tier: [{"provider": p, "model": m, "relative_cost": c} for p, m, c in models]
+        for tier, models in MODELS.items()
+    }
+    return {"version": version, "tiers": tiers}
 
 
 def free_port() -> int:
@@ -51,16 +81,18 @@ def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> int | N
     return proc.returncode
 
 
-def wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
+def wait_listening(
+    proc: subprocess.Popen[bytes], port: int, timeout: float = START_TIMEOUT
+) -> None:
     """Until `port` accepts connections; RuntimeError if the child exits or takes too long."""
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
             return
         time.sleep(0.05)  # polling interval
-    raise RuntimeError(f"server on port {port} not ready after {START_TIMEOUT} s")
+    raise RuntimeError(f"server on port {port} not ready after {timeout} s")
 
 
 def redis_ping(port: int) -> bool:
@@ -108,3 +140,12 @@ def cpu_seconds(pid: int | None) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def run_loop(coro: Any) -> Any:
+    """asyncio.run, on uvloop when it is installed (as uvicorn runs the servers)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

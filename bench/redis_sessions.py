@@ -55,12 +55,14 @@ from typing import Any
 
 from _support import (
     HOST,
+    SIMPLE_MODELS,
     START_TIMEOUT,
     child_setup,
     cpu_seconds,
     free_port,
     start_redis,
     stop,
+    tier_config,
     wait_listening,
 )
 
@@ -68,23 +70,7 @@ CHAT_PATH = "/v1/chat/completions"
 CONNECTIONS = 32
 SESSIONS_PER_CONNECTION = 4
 VARIANTS = ("no-session", "session", "session+health")
-SIMPLE_MODELS = {"gpt-4o-mini", "claude-haiku"}
-CONFIG: dict[str, Any] = {
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "gpt-4o-mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "claude-haiku", "relative_cost": 1},
-        ],
-        "moderate": [
-            {"provider": "openai", "model": "gpt-4o", "relative_cost": 5},
-            {"provider": "anthropic", "model": "claude-sonnet", "relative_cost": 5},
-        ],
-        "complex": [
-            {"provider": "openai", "model": "o3", "relative_cost": 20},
-            {"provider": "anthropic", "model": "claude-opus", "relative_cost": 20},
-        ],
-    }
-}
+CONFIG = tier_config("redis-sessions")
 BODY = json.dumps(
     {
         "tier": "simple",

@@ -58,7 +58,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from _support import HOST, START_TIMEOUT, child_setup, free_port, start_redis, stop
+from _support import HOST, START_TIMEOUT, child_setup, free_port, start_redis, stop, tier_config
 
 CHAT_PATH = "/v1/chat/completions"
 DEBUG_PATH = "/debug/soak"
@@ -75,24 +75,7 @@ RSS_LIMIT_MIB, RSS_LIMIT_SHARE = 2.0, 0.02
 FD_SPREAD = 8  # keep-alive connections come and go (a hang-up drops one, a new one replaces it)
 TASK_SPREAD = 24  # tasks include the requests in flight at the sampling instant
 
-CONFIG: dict[str, Any] = {
-    "version": "soak",
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "gpt-4o-mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "claude-3-5-haiku", "relative_cost": 2},
-            {"provider": "google", "model": "gemini-1.5-flash", "relative_cost": 1},
-        ],
-        "moderate": [
-            {"provider": "openai", "model": "gpt-4o", "relative_cost": 8},
-            {"provider": "anthropic", "model": "claude-3-5-sonnet", "relative_cost": 10},
-        ],
-        "complex": [
-            {"provider": "openai", "model": "o1", "relative_cost": 40},
-            {"provider": "anthropic", "model": "claude-3-opus", "relative_cost": 50},
-        ],
-    },
-}
+CONFIG = tier_config("soak")
 TIERS = ("simple", "moderate", "complex")
 # uvicorn's own lifecycle lines at INFO; anything else in the server's log is reported.
 ROUTINE = (

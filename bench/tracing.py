@@ -25,7 +25,6 @@ import sys
 # `python bench/tracing.py` puts bench/ first on sys.path: move it last (see middleware.py).
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path.append(sys.path.pop(0))
-    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import asyncio
@@ -34,7 +33,7 @@ import statistics
 import time
 from typing import Any
 
-import middleware as mb  # bench/middleware.py: the app, config and request
+import _apps as mb  # bench/_apps.py: middleware.py's app, config and request
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
