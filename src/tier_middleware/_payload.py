@@ -126,8 +126,7 @@ def repeated(body: bytes, name: str) -> list[Any] | None:
 
 def _may_spell(body: bytes, name: str) -> bool:
     """Whether some key of the body could be `name` spelled with `\\u` escapes."""
-    prefix, spelled = _spelled(name)
-    return body.rfind(prefix) >= 0 and spelled.search(body) is not None
+    return _spelled(name).search(body) is not None
 
 
 @functools.cache
@@ -136,10 +135,16 @@ def _quoted(name: str) -> bytes:
 
 
 @functools.cache
-def _spelled(name: str) -> tuple[bytes, re.Pattern[bytes]]:
-    """What every `\\u` escape of a character of `name` starts with, and the escapes
-    themselves (UTF-16 code units, any case of hex digit)."""
+def _spelled(name: str) -> re.Pattern[bytes]:
+    """The `\\u` escapes of the characters of `name` (UTF-16 code units, hex digits in either
+    case). No IGNORECASE: with the literal `\\u` in front, the regex engine scans for it fast,
+    a search of a 4 KB body costing less than one `rfind` of it."""
     units = name.encode("utf-16-be")
-    escapes = {b"\\u%02x%02x" % (units[i], units[i + 1]) for i in range(0, len(units), 2)}
-    prefix = b"\\u00" if all(e.startswith(b"\\u00") for e in escapes) else b"\\u"
-    return prefix, re.compile(b"|".join(re.escape(e) for e in sorted(escapes)), re.IGNORECASE)
+    codes = sorted({b"%02x%02x" % (units[i], units[i + 1]) for i in range(0, len(units), 2)})
+    return re.compile(rb"\\u(?:" + b"|".join(_either_case(code) for code in codes) + b")")
+
+
+def _either_case(hex_digits: bytes) -> bytes:
+    return b"".join(
+        b"[%c%c]" % (c, c - 32) if 0x61 <= c <= 0x66 else bytes([c]) for c in hex_digits
+    )
