@@ -148,7 +148,9 @@ _TOOLS = [
 
 
 def chat_body(head: dict[str, Any]) -> bytes:
-    """An OpenAI-style chat completion request of about 4 KB; `head` goes first."""
+    """An OpenAI-style chat completion request of about 4 KB; `head` goes first. Written the
+    way the OpenAI and Anthropic SDKs (and httpx's `json=`) write a body: compact separators,
+    non-ASCII as UTF-8."""
     data = {
         **head,
         "messages": [{"role": "system", "content": _SYSTEM}]
@@ -164,7 +166,7 @@ def chat_body(head: dict[str, Any]) -> bytes:
         "user": "acct_7f3a9c21-user_1842",
         "metadata": {"conversation_id": "conv_01J9ZQ8K4M7T2X", "channel": "web-widget"},
     }
-    return json.dumps(data).encode()
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 BODY_TIER = chat_body({"tier": "simple"})

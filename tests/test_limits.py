@@ -47,6 +47,10 @@ def middleware(**options: Any) -> tuple[TierRoutingMiddleware, Provider]:
         rb'{"model": "tier:simple", "model": "tier:complex"}',
         rb'{"model": "gpt-4o", "model": "tier:complex"}',
         rb'{"model": "tier:complex", "model": "gpt-4o"}',
+        # written compactly, as the SDKs write JSON: the fast path must see these too
+        rb'{"tier":"simple","tier":"complex"}',
+        rb'{"tier":"simple","messages":[],"ti\u0065r":"complex"}',
+        rb'{"model":"tier:simple","model":"tier:complex"}',
     ],
 )
 @pytest.mark.parametrize("routes", [[ROUTE], None], ids=["opted-in", "routes=None"])

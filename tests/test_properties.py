@@ -403,3 +403,32 @@ def test_retry_after_sets_a_floor(cfg: HealthConfig, retry_after: float, seed: i
     floor = min(retry_after, MAX_RETRY_AFTER)
     assert backoff >= floor
     assert backoff <= max(cfg.max_backoff, floor)
+
+
+# -- the compact-body fast path of the duplicate-member check ----------------------------------
+
+KEYS = st.sampled_from(
+    ["tier", "model", "messages", "t\\u0069er", "mod\\u0065l", "\u00e9", 'a\\"b']
+)
+VALUES = st.sampled_from(['"simple"', '"tier:complex"', "[1,2]", '{"tier":"x"}', "null", '"a b"'])
+
+
+@given(st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=6), st.sampled_from([",", ", "]))
+def test_a_body_taken_as_compact_names_no_member_twice(
+    members: list[tuple[str, str]], comma: str
+) -> None:
+    """`Payload.compact` lets the middleware skip the search for a member named twice: it may
+    only say True for a body in which every top-level key (decoded) appears once."""
+    from tier_middleware._payload import parse_object, repeated
+
+    body = ("{" + comma.join(f'"{k}":{v}' for k, v in members) + "}").encode()
+    payload = parse_object(body)
+    assert payload is not None
+    keys = [json.loads(f'"{k}"') for k, _ in members]
+    if payload.compact(body):
+        assert len(set(keys)) == len(keys)
+        assert all(repeated(body, key) is None for key in ("tier", "model"))
+    elif comma == "," and len(set(keys)) == len(keys):
+        # plain ASCII keys, each once, no whitespace: the fast path (others may fall back)
+        plain = all(k == json.loads(f'"{k}"') and k.isascii() for k, _ in members)
+        assert payload.compact(body) or not plain

@@ -60,16 +60,19 @@ class Attempt:
         """The scope the app gets: rewritten body's length, the choice in headers and state."""
         ex = self.exchange
         sel = self.selection
-        headers = base_headers.copy()
-        if ex.payload is not None:
+        payload = ex.payload
+        if payload is not None:
             mw = ex.mw
-            self.body = ex.payload.rewrite(mw.tier_field, mw.model_field, sel.model)
-            headers.append((b"content-length", str(len(self.body)).encode()))
-        headers += sel.headers
+            body = self.body = payload.rewrite(mw.tier_field, mw.model_field, sel.model)
+            length = (b"content-length", str(len(body)).encode())
+            headers = [*base_headers, length, *sel.headers]
+        else:
+            headers = [*base_headers, *sel.headers]
+        scope = ex.scope
         # scope["state"] is shared by reference: each attempt gets its own copy.
-        state = ex.scope.get("state")
+        state = scope.get("state")
         return {
-            **ex.scope,
+            **scope,
             "headers": headers,
             "state": {**state, "tier_selection": sel} if state else {"tier_selection": sel},
         }
@@ -183,15 +186,20 @@ class Attempt:
         return await ex.receive_live()
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
+        kind = message["type"]
+        if kind == "http.response.body":
+            if self.dropped:
+                return  # draining a response that is not sent
+            tap = self.tap
+            if tap is not None:
+                tap.feed(message.get("body", b""))
+        elif kind == "http.response.start":
             start = await self._start(message)
             if start is None:
                 return  # dropped: retried on another model, or answered by us
             message = start
         elif self.dropped:
-            return  # draining a response that is not sent
-        elif self.tap is not None and message["type"] == "http.response.body":
-            self.tap.feed(message.get("body", b""))
+            return
         try:
             await self.exchange.send(message)
         except Exception:
@@ -214,7 +222,10 @@ class Attempt:
         if self.misconfigured is not None:
             await self._not_dispatched()
             return None
-        verdict = judge_status(status, mw.failure_statuses)
+        if status < 400 and self.upstream is None:  # by far the most common: a success
+            verdict = Verdict.SUCCESS
+        else:
+            verdict = judge_status(status, mw.failure_statuses)
         retry_after = None
         if verdict is Verdict.MODEL_FAILURE or self.upstream is not None:
             # The response's own Retry-After is read only where it can matter: not after a

@@ -38,6 +38,19 @@ class Payload:
         self.members = members
         self.raw = raw
 
+    def compact(self, body: bytes) -> bool:
+        """Whether `body` is exactly its members written compactly (what the OpenAI and
+        Anthropic SDKs and httpx send): no whitespace between them, no key escaped, and so no
+        member named twice, for a second one would take bytes the members do not account for.
+        Only lengths are added: `{`, then per member its quoted key, `:`, the value as sent and a
+        comma (one fewer), then `}`. A key's characters are at most its bytes, so anything
+        else (a non-ASCII key too) only makes the sum fall short, never match."""
+        members = self.members
+        if not self.raw or not members:
+            return False
+        n = len(members)
+        return len(body) == 1 + 4 * n + sum(map(len, members)) + sum(map(len, members.values()))
+
     def value(self, name: str) -> Any:
         """The decoded value of a top-level member; None when absent (or JSON null)."""
         member = self.members.get(name)

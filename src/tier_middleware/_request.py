@@ -325,8 +325,12 @@ def body_tiers(
     than once at the top level counts once per occurrence (`conflicting_tier` if they differ):
     parsers disagree on which one wins, so the middleware does not pick one for the client."""
     found = []
-    if tier_field in payload.members:
-        values = repeated(body, tier_field)
+    members = payload.members
+    # A body written compactly with nothing left over names no member twice: most bodies (the
+    # SDKs write compact JSON) need no search for a second one.
+    compact = payload.compact(body)
+    if tier_field in members:
+        values = None if compact else repeated(body, tier_field)
         source = _field_source(tier_field)
         if values is None:
             found.append((source, _member_tier(payload, tier_field)))
@@ -335,9 +339,9 @@ def body_tiers(
             if len(tiers) > 1:
                 raise _twice(tier_field, values)
             found.append((source, tiers.pop()))
-    if model_field not in payload.members:
+    if model_field not in members:
         return found
-    values = repeated(body, model_field)
+    values = None if compact else repeated(body, model_field)
     if values is not None:
         named = [tier_from_model(value) for value in values]
         if any(t is not None for t in named) and len({repr(v) for v in values}) > 1:
