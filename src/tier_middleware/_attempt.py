@@ -219,39 +219,14 @@ class Attempt:
         if self.deadline is not None:
             self.deadline.settle()
         mw.metrics.duration(sel, time.perf_counter() - self.started_at)
-        if self.misconfigured is not None:
-            await self._not_dispatched()
-            return None
-        if status < 400 and self.upstream is None:  # by far the most common: a success
-            verdict = Verdict.SUCCESS
-        else:
-            verdict = judge_status(status, mw.failure_statuses)
-        retry_after = None
-        if verdict is Verdict.MODEL_FAILURE or self.upstream is not None:
-            # The response's own Retry-After is read only where it can matter: not after a
-            # provider success or 4xx (the common case with UpstreamTransport).
-            upstream = self.upstream
-            own = (
-                retry_after_of(headers)
-                if upstream is None or upstream is Verdict.MODEL_FAILURE
-                else None
-            )
-            verdict, retry_after = self._judged(verdict, own)
-        if verdict is Verdict.SUCCESS:
-            self.recorded = True
+        if status < 400 and self.upstream is None and self.misconfigured is None:
+            self.recorded = True  # a success, by far the most common answer
             if ex.failures is None and not mw.state.shared_health:
-                mw.health.record_success(sel.provider, sel.model)  # the common case
+                mw.health.record_success(sel.provider, sel.model)
             else:
                 await ex.succeeded(sel)
-        elif verdict is Verdict.MODEL_FAILURE:
-            self.fail(retry_after)
-            if await self._retry():
-                self.dropped = True
-                return None
-            # The request ends with this failure: judge it before the client can send another.
-            await ex.settle()
-        else:
-            await self._neutral(verdict)
+        elif not await self._judge(status, headers):
+            return None
         out, content_type, encoding = _response_headers(headers)
         if status == 503 and mw.router is not None:
             out += _retry_after_if_down(mw.router, ex.tier, out, mw.retry_after_bounds)
@@ -270,6 +245,39 @@ class Attempt:
             )
         self.started = True
         return {**message, "headers": out}
+
+    async def _judge(self, status: int, headers: Any) -> bool:
+        """The verdict on a response that is not a plain success: whether it goes out (False:
+        it is dropped, for a retry on another model or an answer of our own)."""
+        if self.misconfigured is not None:
+            await self._not_dispatched()
+            return False
+        ex = self.exchange
+        verdict = judge_status(status, ex.mw.failure_statuses)
+        retry_after = None
+        if verdict is Verdict.MODEL_FAILURE or self.upstream is not None:
+            # The response's own Retry-After is read only where it can matter: not after a
+            # provider success or 4xx (the common case with UpstreamTransport).
+            upstream = self.upstream
+            own = (
+                retry_after_of(headers)
+                if upstream is None or upstream is Verdict.MODEL_FAILURE
+                else None
+            )
+            verdict, retry_after = self._judged(verdict, own)
+        if verdict is Verdict.SUCCESS:
+            self.recorded = True
+            await ex.succeeded(self.selection)
+        elif verdict is Verdict.MODEL_FAILURE:
+            self.fail(retry_after)
+            if await self._retry():
+                self.dropped = True
+                return False
+            # The request ends with this failure: judge it before the client can send another.
+            await ex.settle()
+        else:
+            await self._neutral(verdict)
+        return True
 
 
 def _response_headers(headers: Any) -> tuple[Headers, bytes | None, bytes | None]:

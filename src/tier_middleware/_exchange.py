@@ -236,8 +236,9 @@ class Exchange(Request):
                 selection = retry
         finally:
             budget.active -= 1
-            for _ in range(self.retries):
-                budget.done()
+            if self.retries:
+                for _ in range(self.retries):
+                    budget.done()
             if self.failures is not None:
                 await self.settle()
 
