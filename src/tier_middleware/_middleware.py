@@ -23,6 +23,7 @@ from ._budget import RetryBudget
 from ._config import ConfigError, TierConfig
 from ._errors import service_unavailable
 from ._exchange import CONFIG_RETRY_AFTER, Exchange
+from ._fleet import Fleet
 from ._health import HealthConfig, HealthTracker
 from ._metrics import Metrics
 from ._request import BODY_FRAMING, OWN_HEADERS, close_unread
@@ -30,7 +31,6 @@ from ._router import TierRouter
 from ._routes import Routes, RouteTable
 from ._sessions import Identity, default_identity
 from ._sources import ConfigManager, ControlPlaneSource
-from ._state import State
 from ._status import register_status_source
 from ._stores import store_from_url
 from ._timeouts import Deadlines
@@ -135,7 +135,7 @@ class TierRoutingMiddleware:
         self.health = tracker
         self._rng = rng
         store = store_from_url(redis_url, **dict(redis_options or {})) if redis_url else None
-        self.state = State(
+        self.state = Fleet(
             store,
             tracker,
             shared_health=shared_health,
