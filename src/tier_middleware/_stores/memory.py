@@ -49,6 +49,25 @@ class MemoryStore(Store, wrap_errors=False):  # dict operations: nothing to wrap
         self._health: dict[tuple[str, str], tuple[int, float, float]] = {}
         self._probes: dict[tuple[str, str], float] = {}  # -> lease expiry
 
+    # -- what it holds, read without touching anything (as Redis's PTTL reads a key) -----------
+
+    @property
+    def sessions_held(self) -> int:
+        """Sessions in memory, the expired ones not dropped yet included."""
+        return len(self._sessions)
+
+    def session_expiry(self, key: str) -> float | None:
+        """When the session expires (the store's clock), if it is held."""
+        entry = self._sessions.get(key)
+        return None if entry is None else entry.expires
+
+    def lock_expiry(self, name: str) -> float | None:
+        held = self._locks.get(name)
+        return None if held is None else held[1]
+
+    def probe_expiry(self, provider: str, model: str) -> float | None:
+        return self._probes.get((provider, model))
+
     # -- sessions ------------------------------------------------------------------------------
 
     async def get_session(self, key: str, ttl: float) -> SessionRecord | None:
