@@ -313,7 +313,8 @@ async def _tell(
     """A failure counted in process during an outage, `seconds` of backoff left. started=0:
     older than any backoff the fleet may have begun meanwhile, so this steps nothing up there;
     it only sets a backoff where none is."""
-    return await store.record_failure(*key, config, seconds, now, started=0.0)
+    provider, model = key
+    return await store.record_failure(provider, model, config, seconds, now, started=0.0)
 
 
 async def _forget(store: Store, sel: Selection) -> None:
