@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -188,29 +189,29 @@ class Raising(MemoryStore):
         )
         self.calls = 0
 
-    def _raise(self) -> None:
+    def fail(self) -> None:
         self.calls += 1
         raise next(self.kinds)()
 
     async def get_session(self, key: str, ttl: float) -> SessionRecord | None:
-        self._raise()
+        self.fail()
         return None
 
     async def put_session(self, key: str, record: SessionRecord, ttl: float) -> None:
-        self._raise()
+        self.fail()
 
     async def get_session_and_health(self, key: str, ttl: float) -> Any:
-        self._raise()
+        self.fail()
 
     async def health_snapshot(self) -> Any:
-        self._raise()
+        self.fail()
 
     async def record_failure(self, *args: Any, **kwargs: Any) -> tuple[int, float]:
-        self._raise()
+        self.fail()
         return 0, 0.0
 
     async def try_probe(self, provider: str, model: str, ttl: float) -> bool:
-        self._raise()
+        self.fail()
         return True
 
 
@@ -246,18 +247,25 @@ async def test_any_exception_from_a_backend_is_a_backend_failure_and_never_a_500
 
 
 @pytest.mark.anyio
-async def test_the_redis_store_turns_any_exception_into_a_store_error() -> None:
+async def test_the_redis_store_turns_any_exception_into_a_store_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever redis-py raises (here from its client's own commands), not only its errors."""
     store = RedisStore("redis://127.0.0.1:1/0")
-    for kind in (RuntimeError, KeyError, AttributeError):
+    try:
+        for kind in (RuntimeError, KeyError, AttributeError):
 
-        async def broken(kind: type[Exception] = kind) -> Any:
-            raise kind("attached to a different loop")
+            async def broken(*args: Any, kind: type[Exception] = kind, **kwargs: Any) -> Any:
+                raise kind("attached to a different loop")
 
-        store._client = broken  # type: ignore[method-assign]
-        with pytest.raises(StoreError) as caught:
-            await store.get_session("k", 60.0)
-        assert type(caught.value.__cause__) is kind
-        assert await store.ping() is False
+            monkeypatch.setattr(Redis, "getex", broken)
+            monkeypatch.setattr(Redis, "ping", broken)
+            with pytest.raises(StoreError) as caught:
+                await store.get_session("k", 60.0)
+            assert type(caught.value.__cause__) is kind
+            assert await store.ping() is False
+    finally:
+        await store.aclose()
 
 
 # -- successive loops while Redis fails ------------------------------------------------------------

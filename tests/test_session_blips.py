@@ -26,8 +26,7 @@ from asgi_harness import Provider, call
 from configs import two_per_tier
 from redis_server import Partition, RedisServer
 from tier_middleware import TierRoutingMiddleware
-from tier_middleware._state import State
-from tier_middleware._stores import MemoryStore, SessionRecord
+from tier_middleware._stores import SessionRecord
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -57,7 +56,9 @@ def stored(server: RedisServer, session: str) -> SessionRecord | None:
     return None if raw is None else SessionRecord.loads(raw)
 
 
-class Fleet:
+class Instances:
+    """Middlewares on one Redis, their state backend's cooldown on one clock the test moves."""
+
     def __init__(self) -> None:
         self.built: list[TierRoutingMiddleware] = []
         self.clock = FakeClock()
@@ -85,8 +86,8 @@ class Fleet:
 
 
 @pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    built = Fleet()
+async def fleet() -> AsyncIterator[Instances]:
+    built = Instances()
     yield built
     for mw in built.built:
         await mw.aclose()
@@ -102,7 +103,7 @@ async def partition(fresh_redis_server: RedisServer) -> AsyncIterator[Partition]
 
 @pytest.mark.parametrize("shared_health", [False, True])
 async def test_a_session_an_instance_served_keeps_its_model_while_redis_is_unreachable(
-    fleet: Fleet, partition: Partition, shared_health: bool
+    fleet: Instances, partition: Partition, shared_health: bool
 ) -> None:
     a = fleet.instance(partition.url, shared_health=shared_health)
     b = fleet.instance(partition.url, shared_health=shared_health)
@@ -123,7 +124,7 @@ async def test_a_session_an_instance_served_keeps_its_model_while_redis_is_unrea
 
 
 async def test_after_the_outage_redis_wins_over_a_session_made_up_locally(
-    fresh_redis_server: RedisServer, fleet: Fleet, partition: Partition
+    fresh_redis_server: RedisServer, fleet: Instances, partition: Partition
 ) -> None:
     a = fleet.instance(partition.url)
     b = fleet.instance(partition.url)
@@ -139,11 +140,11 @@ async def test_after_the_outage_redis_wins_over_a_session_made_up_locally(
     assert {s: (r.tier, r.model) for s in SESSIONS if (r := stored(fresh_redis_server, s))} == (
         opened
     )
-    assert b.state._written_locally == {}  # every local record was reconciled, none is left
+    assert b.state.written_locally == ()  # every local record was reconciled, none is left
 
 
 async def test_a_session_upgraded_during_the_outage_keeps_the_upgrade_and_redis_learns_it(
-    fresh_redis_server: RedisServer, fleet: Fleet, partition: Partition
+    fresh_redis_server: RedisServer, fleet: Instances, partition: Partition
 ) -> None:
     a = fleet.instance(partition.url)
     b = fleet.instance(partition.url)
@@ -164,7 +165,7 @@ async def test_a_session_upgraded_during_the_outage_keeps_the_upgrade_and_redis_
 
 
 async def test_sessions_survive_a_redis_that_lost_everything(
-    fresh_redis_server: RedisServer, fleet: Fleet
+    fresh_redis_server: RedisServer, fleet: Instances
 ) -> None:
     a = fleet.instance(fresh_redis_server.url, shared_health=True)
     opened = {s: await ask(a, s) for s in SESSIONS}
@@ -176,38 +177,3 @@ async def test_sessions_survive_a_redis_that_lost_everything(
     # Each was written back from the local copy: a new instance finds them in Redis.
     fresh = fleet.instance(fresh_redis_server.url)
     assert {s: await ask(fresh, s) for s in SESSIONS} == opened
-
-
-# -- the marks of local writes stay bounded -----------------------------------------------------
-
-
-class Down(MemoryStore):
-    """A backend that never answers a session call."""
-
-    async def get_session(self, key: str, ttl: float) -> SessionRecord | None:
-        raise ConnectionError("down")
-
-    async def put_session(self, key: str, record: SessionRecord, ttl: float) -> None:
-        raise ConnectionError("down")
-
-
-async def test_records_written_locally_are_bounded_by_max_sessions_and_the_ttl() -> None:
-    from tier_middleware import HealthTracker
-
-    clock = FakeClock(1_000_000.0)
-    state = State(
-        Down(),
-        HealthTracker(),
-        session_ttl=60.0,
-        max_sessions=10,
-        wall_clock=clock,
-        clock=clock,
-    )
-    record = SessionRecord("openai", "mini", "simple", clock(), clock())
-    for i in range(100):
-        await state.save_session(f"k{i}", record)
-    assert list(state._written_locally) == [f"k{i}" for i in range(90, 100)]
-    assert await state.local.session_count() == 10
-    clock.advance(61.0)
-    await state.save_session("late", record)
-    assert list(state._written_locally) == ["late"]  # the others are past the session TTL

@@ -7,11 +7,13 @@ Failure tests measure a bound with time.monotonic(), never wait for one.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -29,7 +31,6 @@ from tier_middleware._stores import (
     StoreError,
     store_from_url,
 )
-from tier_middleware._stores.memory import _Session
 
 pytestmark = pytest.mark.anyio
 
@@ -63,27 +64,26 @@ class Backend:
     def session_ttl(self, key: str) -> float | None:
         """Seconds left before the session expires, None if there is none."""
         if self.kind == "memory":
-            entry = self._memory()._sessions.get(key)
-            return None if entry is None else entry.expires - self.clock()  # type: ignore[misc]
+            expires = self._memory().session_expiry(key)
+            return None if expires is None else expires - self.clock()  # type: ignore[misc]
         return _pttl(self._raw("PTTL", f"tier:s:{key}"))
 
     def lock_ttl(self, name: str) -> float | None:
         if self.kind == "memory":
-            held = self._memory()._locks.get(name)
-            return None if held is None else held[1] - self.clock()  # type: ignore[misc]
+            expires = self._memory().lock_expiry(name)
+            return None if expires is None else expires - self.clock()  # type: ignore[misc]
         return _pttl(self._raw("PTTL", f"tier:lock:{name}"))
 
     def probe_ttl(self, provider: str, model: str) -> float | None:
         if self.kind == "memory":
-            expires = self._memory()._probes.get((provider, model))
+            expires = self._memory().probe_expiry(provider, model)
             return None if expires is None else expires - self.clock()  # type: ignore[misc]
         return _pttl(self._raw("PTTL", f"tier:probe:{provider}\n{model}"))
 
-    def plant_session(self, key: str, value: bytes) -> None:
+    async def plant_session(self, key: str, value: bytes) -> None:
         """Store a value that is not a SessionRecord where the session would be."""
         if self.kind == "memory":
-            store = self._memory()
-            store._sessions[key] = _Session(value, self.clock() + 60.0)  # type: ignore[arg-type,misc]
+            await self._memory().put_session(key, value, 60.0)  # type: ignore[arg-type]
         else:
             self._raw("SET", f"tier:s:{key}", value, "PX", 60_000)
 
@@ -187,7 +187,7 @@ async def test_put_sets_the_ttl_in_milliseconds_and_get_restarts_it(backend: Bac
     ],
 )
 async def test_a_corrupt_session_reads_as_none(backend: Backend, garbage: bytes) -> None:
-    backend.plant_session("k", garbage)
+    await backend.plant_session("k", garbage)
     assert await backend.store.get_session("k", 60.0) is None
     assert (await backend.store.get_session_and_health("k", 60.0))[0] is None
     await backend.store.put_session("k", REC, 60.0)  # and it can be overwritten
@@ -466,7 +466,7 @@ async def test_memory_lru_is_bounded() -> None:
     for i in range(1000):
         await store.put_session(f"k{i}", REC, 60.0)
     assert await store.session_count() == 100
-    assert len(store._sessions) == 100
+    assert store.sessions_held == 100
     assert await store.get_session("k0", 60.0) is None
     assert await store.get_session("k899", 60.0) is None
     assert await store.get_session("k900", 60.0) == REC
@@ -494,7 +494,7 @@ async def test_memory_sliding_expiry() -> None:
     assert await store.get_session("k", 10.0) == REC
     clock.advance(10.0)
     assert await store.get_session("k", 10.0) is None
-    assert "k" not in store._sessions  # dropped, not kept around
+    assert store.session_expiry("k") is None  # dropped, not kept around
     assert await store.session_count() == 0
 
 
@@ -505,7 +505,7 @@ async def test_memory_stays_flat_under_endless_new_ids() -> None:
         await store.put_session(f"k{i}", REC, 1.0)
         clock.advance(0.01)  # each session outlives the next 100 writes only
         assert await store.get_session(f"unknown{i}", 1.0) is None  # reads allocate nothing
-    assert len(store._sessions) <= 101
+    assert store.sessions_held <= 101
     assert 98 <= await store.session_count() <= 101
 
 
@@ -696,6 +696,12 @@ async def _fails_fast(call: Call, *causes: type[BaseException]) -> None:
     assert isinstance(caught.value.__cause__, causes), repr(caught.value.__cause__)
 
 
+async def _ping_fails_fast(store: Store) -> None:
+    start = time.monotonic()
+    assert await store.ping() is False
+    assert time.monotonic() - start < FAST
+
+
 @pytest.mark.redis
 async def test_a_silent_server_fails_every_call_fast_with_one_attempt(
     black_hole: BlackHole,
@@ -708,9 +714,7 @@ async def test_a_silent_server_fails_every_call_fast_with_one_attempt(
             before = black_hole.accepted()
             await _fails_fast(call, RedisTimeoutError)
             assert black_hole.accepted() - before == 1, name
-        start = time.monotonic()
-        assert await store.ping() is False
-        assert time.monotonic() - start < FAST
+        await _ping_fails_fast(store)
     finally:
         await store.aclose()
 
@@ -760,9 +764,7 @@ async def test_a_paused_server_fails_within_the_socket_timeout(
         await _fails_fast(
             lambda: store.record_failure("p", "m", HealthConfig(), None, NOW), RedisTimeoutError
         )
-        start = time.monotonic()
-        assert await store.ping() is False
-        assert time.monotonic() - start < FAST
+        await _ping_fails_fast(store)
     finally:
         await store.aclose()
 
@@ -796,6 +798,59 @@ async def test_nothing_listening_fails_fast() -> None:
         assert await store.ping() is False
     finally:
         await store.aclose()
+
+
+# -- any backend: errors are StoreErrors, wrapped once by the base class ---------------------------
+
+
+def broken_store(kind: type[BaseException], **options: bool) -> Store:
+    """A backend written with no thought for errors: each of its calls raises `kind`."""
+
+    async def fail(*args: object, **kwargs: object) -> Any:
+        raise kind("no route to host")
+
+    calls = {name: fail for name in Store.__abstractmethods__ | {"session_count"}}
+    return type("Broken", (Store,), {"name": "broken", **calls}, **options)()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("kind", [OSError, RuntimeError, KeyError, AttributeError])
+async def test_whatever_a_backend_raises_reaches_the_caller_as_a_store_error(
+    kind: type[Exception],
+) -> None:
+    store = broken_store(kind)
+    calls = {**_calls(store), "session_count": store.session_count}
+    for name, call in calls.items():
+        with pytest.raises(StoreError) as caught:
+            await call()
+        assert type(caught.value.__cause__) is kind, name
+        assert (
+            str(caught.value)
+            == f"broken {name} failed: {kind.__name__}: {kind('no route to host')}"
+        )
+
+
+async def test_an_override_calling_its_base_raises_one_store_error_not_two() -> None:
+    base = type(broken_store(RuntimeError))
+
+    class Override(base):  # type: ignore[valid-type,misc]
+        async def get_session(self, key: str, ttl: float) -> SessionRecord | None:
+            return await super().get_session(key, ttl)  # type: ignore[no-any-return]
+
+    with pytest.raises(StoreError) as caught:
+        await Override().get_session("k", 60.0)
+    assert type(caught.value.__cause__) is RuntimeError
+    assert str(caught.value) == "broken get_session failed: RuntimeError: no route to host"
+
+
+async def test_cancellation_is_no_store_error() -> None:
+    store = broken_store(asyncio.CancelledError)
+    with pytest.raises(asyncio.CancelledError):
+        await store.get_session("k", 60.0)
+
+
+async def test_a_backend_that_cannot_fail_may_leave_its_calls_unwrapped() -> None:
+    with pytest.raises(KeyError):
+        await broken_store(KeyError, wrap_errors=False).get_session("k", 60.0)
 
 
 # -- store_from_url ---------------------------------------------------------------------------------

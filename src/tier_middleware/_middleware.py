@@ -24,6 +24,7 @@ from ._config_manager import ConfigManager, ConfigSource
 from ._control_plane import ControlPlaneSource
 from ._errors import service_unavailable
 from ._exchange import CONFIG_RETRY_AFTER, Exchange
+from ._fleet import Fleet
 from ._health import HealthConfig, HealthTracker
 from ._metrics import Metrics
 from ._options import RequestLimits, RetryConfig, SessionConfig, grouped
@@ -31,7 +32,6 @@ from ._request import BODY_FRAMING, OWN_HEADERS
 from ._router import TierRouter
 from ._routes import Routes, RouteTable
 from ._sessions import default_identity
-from ._state import State
 from ._status import register_status_source
 from ._stores import store_from_url
 from ._timeouts import Deadlines
@@ -123,7 +123,7 @@ class TierRoutingMiddleware:
         self.health = tracker
         self._rng = rng
         store = store_from_url(redis_url, **dict(redis_options or {})) if redis_url else None
-        self.state = State(
+        self.state = Fleet(
             store,
             tracker,
             shared_health=shared_health,

@@ -1,10 +1,19 @@
-"""The one small async interface every state backend implements."""
+"""The one small async interface every state backend implements.
+
+Errors are wrapped here, once: every implementation of a backend call, in any subclass, is
+wrapped when the class is made, so whatever it raises reaches the caller as a StoreError (the
+original as __cause__), and a new backend cannot forget to. Cancellation is not an Exception, and
+propagates.
+"""
 
 from __future__ import annotations
 
 import abc
+import functools
 import sys
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -13,9 +22,23 @@ from .._health import HealthConfig
 # (provider, model) -> (consecutive failures, backoff end as wall-clock seconds, 0.0 if none)
 HealthSnapshot = dict[tuple[str, str], tuple[int, float]]
 
+R = TypeVar("R")
+
 
 class StoreError(Exception):
     """A backend failed (timeout, connection refused, bad reply); callers fall back in process."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failure to count against a model, fleet-wide: the arguments of `_health.backoff_step`
+    that come from the caller. Times are wall-clock seconds."""
+
+    config: HealthConfig
+    retry_after: float | None
+    now: float
+    started: float  # when the failed attempt began
+    jitter_factor: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +79,21 @@ class SessionRecord:
 class Store(abc.ABC):
     """Sessions, the shared config copy, a fleet-wide lock and (optionally) shared health.
 
-    Every method may raise StoreError; none may block longer than the backend's timeout.
-    Keys passed in are already safe (validated session ids, hashed identities).
+    Every backend call raises StoreError and nothing else (see the module docstring); none may
+    block longer than the backend's timeout. `ping` answers False instead of raising. Keys passed
+    in are already safe (validated session ids, hashed identities).
+
+    `class MyStore(Store, wrap_errors=False)` leaves a backend's own calls unwrapped: only for one
+    that cannot fail (MemoryStore: the wrapper would cost more than its dict operations).
     """
 
     name: str  # "memory" or "redis": the `backend` label of backend error metrics
+
+    def __init_subclass__(cls, *, wrap_errors: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if wrap_errors:
+            for name in _BACKEND_CALLS & cls.__dict__.keys():
+                setattr(cls, name, _store_errors(name.lstrip("_"), cls.__dict__[name]))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -111,7 +144,6 @@ class Store(abc.ABC):
     async def health_snapshot(self) -> HealthSnapshot:
         """Every (provider, model) with failures recorded, fleet-wide."""
 
-    @abc.abstractmethod
     async def record_failure(
         self,
         provider: str,
@@ -131,6 +163,15 @@ class Store(abc.ABC):
         it ran on. Returns (consecutive failures, backoff end or 0.0 below the threshold).
         `jitter_factor` is drawn by the caller in [1 - jitter, 1 + jitter].
         """
+        started = now if started is None else started
+        failure = Failure(config, retry_after, now, started, jitter_factor)
+        return await self._record_failure(provider, model, failure)
+
+    @abc.abstractmethod
+    async def _record_failure(
+        self, provider: str, model: str, failure: Failure
+    ) -> tuple[int, float]:
+        """What a backend implements of `record_failure`: the same, the arguments gathered."""
 
     @abc.abstractmethod
     async def record_success(self, provider: str, model: str) -> None:
@@ -152,3 +193,26 @@ class Store(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027  (optional for backends that own nothing)
         """Release connections."""
+
+
+# The calls that reach the backend: a subclass's own implementation of any of them is wrapped.
+# (`record_failure` is implemented here, through `_record_failure`; an override is wrapped too.)
+_BACKEND_CALLS = Store.__abstractmethods__ | {"record_failure", "session_count"}
+
+
+def _store_errors(
+    operation: str, call: Callable[..., Awaitable[R]]
+) -> Callable[..., Coroutine[Any, Any, R]]:
+    """`call`, raising StoreError for anything it raises."""
+
+    @functools.wraps(call)
+    async def wrapped(store: Store, /, *args: Any, **kwargs: Any) -> R:
+        try:
+            return await call(store, *args, **kwargs)
+        except StoreError:
+            raise  # wrapped already: an override that called its base class's implementation
+        except Exception as exc:
+            message = f"{store.name} {operation} failed: {type(exc).__name__}: {exc}"
+            raise StoreError(message) from exc
+
+    return wrapped

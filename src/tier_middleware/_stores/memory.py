@@ -12,8 +12,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .._health import HealthConfig, backoff_step
-from .base import HealthSnapshot, SessionRecord, Store
+from .._health import backoff_step
+from .base import Failure, HealthSnapshot, SessionRecord, Store
 
 
 class _Session:
@@ -24,7 +24,7 @@ class _Session:
         self.expires = expires  # on the store's clock
 
 
-class MemoryStore(Store):
+class MemoryStore(Store, wrap_errors=False):  # dict operations: nothing to wrap
     """Sessions in a bounded LRU with a sliding TTL per entry; locks, health and probe leases in
     plain dicts. `clock` returns wall-clock seconds (tests inject a fake one).
 
@@ -48,6 +48,25 @@ class MemoryStore(Store):
         # -> (failures, backoff end, backoff start)
         self._health: dict[tuple[str, str], tuple[int, float, float]] = {}
         self._probes: dict[tuple[str, str], float] = {}  # -> lease expiry
+
+    # -- what it holds, read without touching anything (as Redis's PTTL reads a key) -----------
+
+    @property
+    def sessions_held(self) -> int:
+        """Sessions in memory, the expired ones not dropped yet included."""
+        return len(self._sessions)
+
+    def session_expiry(self, key: str) -> float | None:
+        """When the session expires (the store's clock), if it is held."""
+        entry = self._sessions.get(key)
+        return None if entry is None else entry.expires
+
+    def lock_expiry(self, name: str) -> float | None:
+        held = self._locks.get(name)
+        return None if held is None else held[1]
+
+    def probe_expiry(self, provider: str, model: str) -> float | None:
+        return self._probes.get((provider, model))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -133,16 +152,8 @@ class MemoryStore(Store):
     async def health_snapshot(self) -> HealthSnapshot:
         return {key: (failures, until) for key, (failures, until, _) in self._health.items()}
 
-    async def record_failure(
-        self,
-        provider: str,
-        model: str,
-        config: HealthConfig,
-        retry_after: float | None,
-        now: float,
-        jitter_factor: float = 1.0,
-        *,
-        started: float | None = None,
+    async def _record_failure(
+        self, provider: str, model: str, failure: Failure
     ) -> tuple[int, float]:
         key = (provider, model)
         failures, until, since = self._health.get(key, (0, 0.0, 0.0))
@@ -150,11 +161,11 @@ class MemoryStore(Store):
             failures,
             until,
             since,
-            config,
-            retry_after,
-            now,
-            now if started is None else started,
-            jitter_factor,
+            failure.config,
+            failure.retry_after,
+            failure.now,
+            failure.started,
+            failure.jitter_factor,
         )
         self._health[key] = (failures, until, since)
         return failures, until

@@ -31,20 +31,16 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from .._health import MAX_RETRY_AFTER, HealthConfig
-from .base import HealthSnapshot, SessionRecord, Store, StoreError
-
-P = ParamSpec("P")
-R = TypeVar("R")
+from .._health import MAX_RETRY_AFTER
+from .base import Failure, HealthSnapshot, SessionRecord, Store
 
 # Count a failure and extend the backoff exactly as HealthTracker.record_failure does
 # (_health.backoff_step is the same rule in Python, line by line). Numbers travel as strings both
@@ -116,22 +112,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def _wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn every failure into StoreError (the original as __cause__): Redis and socket errors,
-    and anything else redis-py may raise (a RuntimeError from a loop it was not made for, say).
-    Cancellation is not a failure and propagates."""
-    operation = fn.__name__
-
-    @functools.wraps(fn)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except Exception as exc:
-            raise StoreError(f"redis {operation} failed: {type(exc).__name__}: {exc}") from exc
-
-    return call
 
 
 class _LoopGone(Exception):
@@ -277,18 +257,15 @@ class RedisStore(Store):
 
     # -- sessions ------------------------------------------------------------------------------
 
-    @_wrap
     async def get_session(self, key: str, ttl: float) -> SessionRecord | None:
         redis = (await self._client()).redis
         raw = await redis.getex(f"{self.prefix}s:{key}", px=_ms(ttl))
         return None if raw is None else SessionRecord.loads(raw)
 
-    @_wrap
     async def put_session(self, key: str, record: SessionRecord, ttl: float) -> None:
         redis = (await self._client()).redis
         await redis.set(f"{self.prefix}s:{key}", record.dumps(), px=_ms(ttl))
 
-    @_wrap
     async def get_session_and_health(
         self, key: str, ttl: float
     ) -> tuple[SessionRecord | None, HealthSnapshot]:
@@ -303,7 +280,6 @@ class RedisStore(Store):
 
     # -- the config copy -------------------------------------------------------------------------
 
-    @_wrap
     async def get_config(self) -> tuple[bytes, float] | None:
         redis = (await self._client()).redis
         raw, fetched_at = await redis.hmget(self._config_key, ["raw", "fetched_at"])
@@ -314,48 +290,35 @@ class RedisStore(Store):
         except ValueError:
             return None
 
-    @_wrap
     async def put_config(self, raw: bytes, fetched_at: float) -> None:
         # A hash without expiry: a TTL must never erase the last-known-good config.
         redis = (await self._client()).redis
         await redis.hset(self._config_key, mapping={"raw": raw, "fetched_at": _float(fetched_at)})
 
-    @_wrap
     async def try_lock(self, name: str, ttl: float) -> str | None:
         token = secrets.token_hex(16)
         redis = (await self._client()).redis
         taken = await redis.set(f"{self.prefix}lock:{name}", token, nx=True, px=_ms(ttl))
         return token if taken else None
 
-    @_wrap
     async def unlock(self, name: str, token: str) -> None:
         unlock = (await self._client()).unlock
         await unlock(keys=[f"{self.prefix}lock:{name}"], args=[token])
 
-    @_wrap
     async def hold_lock(self, name: str, token: str, ttl: float) -> bool:
         hold = (await self._client()).hold_lock
         return bool(await hold(keys=[f"{self.prefix}lock:{name}"], args=[token, _ms(ttl)]))
 
     # -- health ---------------------------------------------------------------------------------
 
-    @_wrap
     async def health_snapshot(self) -> HealthSnapshot:
         redis = (await self._client()).redis
         return _snapshot(await redis.hgetall(self._health_key))
 
-    @_wrap
-    async def record_failure(
-        self,
-        provider: str,
-        model: str,
-        config: HealthConfig,
-        retry_after: float | None,
-        now: float,
-        jitter_factor: float = 1.0,
-        *,
-        started: float | None = None,
+    async def _record_failure(
+        self, provider: str, model: str, failure: Failure
     ) -> tuple[int, float]:
+        retry_after, config = failure.retry_after, failure.config
         if retry_after is None or not math.isfinite(retry_after) or retry_after <= 0:
             retry_after = -1.0
         script = (await self._client()).record_failure
@@ -368,26 +331,23 @@ class RedisStore(Store):
                 _float(config.multiplier),
                 str(config.failure_threshold),
                 _float(retry_after),
-                _float(now),
-                _float(jitter_factor),
+                _float(failure.now),
+                _float(failure.jitter_factor),
                 _float(MAX_RETRY_AFTER),
-                _float(now if started is None else started),
+                _float(failure.started),
             ],
         )
         return int(failures), float(until)
 
-    @_wrap
     async def record_success(self, provider: str, model: str) -> None:
         redis = (await self._client()).redis
         await redis.hdel(self._health_key, f"{provider}\n{model}")
 
-    @_wrap
     async def try_probe(self, provider: str, model: str, ttl: float) -> bool:
         key = f"{self.prefix}probe:{provider}\n{model}"
         redis = (await self._client()).redis
         return bool(await redis.set(key, b"1", nx=True, px=_ms(ttl)))
 
-    @_wrap
     async def release_probe(self, provider: str, model: str) -> None:
         redis = (await self._client()).redis
         await redis.delete(f"{self.prefix}probe:{provider}\n{model}")
