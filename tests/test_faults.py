@@ -128,16 +128,9 @@ class CountingTracker(HealthTracker):
         super().__init__(*args, **kwargs)
         self.failures_seen: collections.Counter[str] = collections.Counter()
 
-    def record_failure(
-        self,
-        provider: str,
-        model: str,
-        retry_after: float | None = None,
-        *,
-        started: float | None = None,
-    ) -> float | None:
+    def record_failure(self, provider: str, model: str, *args: Any, **kwargs: Any) -> float | None:
         self.failures_seen[model] += 1
-        return super().record_failure(provider, model, retry_after, started=started)
+        return super().record_failure(provider, model, *args, **kwargs)
 
 
 # -- 1. flaky providers -------------------------------------------------------------------------
@@ -691,7 +684,7 @@ def plane_mw(plane: ControlPlane, timeout: float = 1.0, **options: Any) -> Plane
     clock = FakeClock()
     # Refresh due-ness runs on the manager's clock; nothing has read it yet, so every deadline
     # from here on is on the fake one.
-    mw.configs._clock = clock
+    mw.configs.clock = clock
     return Plane(plane, mw, app, clock, registry)
 
 

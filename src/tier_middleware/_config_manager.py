@@ -65,7 +65,7 @@ class ConfigManager:
     ) -> None:
         if not (isinstance(refresh_ahead, int | float) and 0 < refresh_ahead <= 1):
             raise ValueError(f"refresh_ahead must be in (0, 1], got {refresh_ahead!r}")
-        self._clock = clock
+        self.clock = clock  # monotonic: when a refresh is due (public, so a test can drive it)
         self._wall_clock = wall_clock
         self._on_change = on_change
         self._on_refresh = on_refresh
@@ -123,7 +123,7 @@ class ConfigManager:
 
     def tick(self) -> None:
         """Start a background refresh when one is due; otherwise one clock call and a compare."""
-        if self._clock() >= self._next_due:
+        if self.clock() >= self._next_due:
             self._start()
 
     # -- waiting for a config ----------------------------------------------------------------------
@@ -140,7 +140,7 @@ class ConfigManager:
             return self.current
         task = self._in_flight()
         if task is None:
-            if self._remote is None or self._closed or self._clock() < self._next_due:
+            if self._remote is None or self._closed or self.clock() < self._next_due:
                 return self.current
             task = self._start()
             assert task is not None
@@ -207,7 +207,7 @@ class ConfigManager:
         if self._remote is None or self._closed:
             return None
         # Re-check after the lock TTL even if the task never reports back (its loop died).
-        self._next_due = self._clock() + self._remote.timeout + 1.0
+        self._next_due = self.clock() + self._remote.timeout + 1.0
         task = self._in_flight()
         if task is None:
             task = asyncio.get_running_loop().create_task(
@@ -228,14 +228,14 @@ class ConfigManager:
         try:
             result, due_in = await self._refresh_once()
         except asyncio.CancelledError:
-            self._next_due = self._clock() + self.retry_interval
+            self._next_due = self.clock() + self.retry_interval
             raise
         except Exception:  # a bug must not stop refreshing for good
             logger.exception(
                 "tier config refresh crashed", extra={"config_source": self.source_name}
             )
             result, due_in = "error", self.retry_interval
-        self._next_due = self._clock() + due_in
+        self._next_due = self.clock() + due_in
         if self._on_refresh is not None:
             try:
                 self._on_refresh(result)
