@@ -175,7 +175,7 @@ class Attempt:
         that already failed on two models (it would fail on a third)."""
         if not self.can_retry or (judged and self.exchange.suspect()):
             return False
-        self.next = await self.exchange.alternative()
+        self.next = await self.exchange.alternative(self.selection)
         return self.next is not None
 
     async def receive(self) -> Message:

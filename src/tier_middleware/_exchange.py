@@ -47,7 +47,7 @@ class Exchange(Request):
     attempts = 0
     tier = ""
     retries = 0  # retry-budget slots held
-    tried: tuple[Key, ...] = ()
+    tried: tuple[Key, ...] = ()  # the models that failed this request, for a retry
     failures: list[Failure] | None = None  # model failures not yet judged
     suspected: bool | None = None  # whether the body is a known poison request
 
@@ -186,7 +186,6 @@ class Exchange(Request):
         try:
             while True:
                 self.attempts += 1
-                self.tried += (selection.key,)
                 attempt = self.attempt_type(self, selection, self.attempts < max_attempts)
                 try:
                     scope = attempt.scope(base_headers)
@@ -324,9 +323,10 @@ class Exchange(Request):
             return kept
         return [h for h in headers if h[0] not in drop] if present else list(headers)
 
-    async def alternative(self) -> Selection | None:
-        """Another model to retry with, if the client is still there, the retry budget has room
-        and the tier has a healthy model left."""
+    async def alternative(self, failed: Selection) -> Selection | None:
+        """A model other than `failed` and those that failed before it to retry with, if the
+        client is still there, the retry budget has room and the tier has a healthy model left."""
+        self.tried += (failed.key,)
         mw = self.mw
         if self.disconnected:
             return None
