@@ -190,49 +190,48 @@ class JsonUsageTap(UsageTap):
     and then nothing else is allocated.
     """
 
-    __slots__ = ("_first", "_limit", "_more", "_reply", "_result", "_size")
+    __slots__ = ("_first", "_more", "_reply", "_result", "_room")
 
     kind = "json"
 
     def __init__(self, limit: int = MAX_JSON_BODY) -> None:
         self._first = b""  # the first chunk
         self._more: list[bytes] | None = None  # the chunks after it, once there are any
-        self._size = 0  # bytes held; -1 once given up on, or parsed
-        self._limit = limit
+        self._room = limit  # how many more bytes may be held; -1 once given up on, or parsed
         self._result: tuple[int, int] | None = None
         self._reply: Any = None  # the parsed body, once it is: `model` is read from it
 
     def feed(self, chunk: bytes) -> None:
         try:
-            size = self._size
-            if size < 0 or not chunk:
+            if not chunk or self._room < 0:
                 return
-            size += len(chunk)
-            if size > self._limit:  # too big to be worth it: give up, free the memory
-                self._size = -1
-                self._first = b""
-                self._more = None
+            room = self._room - len(chunk)
+            if room < 0:  # too big to be worth it: give up, free the memory
+                self._give_up()
                 return
             # bytes are immutable: keep a reference; copy only a mutable buffer.
             if type(chunk) is not bytes:
                 chunk = bytes(chunk)
-            if not self._size:
+            if not self._first:
                 self._first = chunk
             elif self._more is None:
                 self._more = [chunk]
             else:
                 self._more.append(chunk)
-            self._size = size
+            self._room = room
         except Exception:
-            self._size = -1
-            self._first = b""
-            self._more = None
+            self._give_up()
+
+    def _give_up(self) -> None:
+        self._room = -1
+        self._first = b""
+        self._more = None
 
     def result(self) -> tuple[int, int] | None:
-        if self._size <= 0:  # nothing yet, given up on, or parsed already
-            return self._result
-        self._size = -1
         body = self._first
+        if not body:  # nothing yet, given up on, or parsed already
+            return self._result
+        self._room = -1
         self._first = b""
         if self._more is not None:
             body = b"".join((body, *self._more))
@@ -243,12 +242,10 @@ class JsonUsageTap(UsageTap):
             return None
         try:
             reply = _decode(body)
+            usage = reply.get("usage")  # AttributeError unless the body is an object (a dict)
         except Exception:
             return None
-        if type(reply) is not dict:
-            return None
         self._reply = reply
-        usage = reply.get("usage")
         if type(usage) is dict:  # the common OpenAI shape, first (as in `_usage_of`)
             prompt = usage.get("prompt_tokens")
             completion = usage.get("completion_tokens")
@@ -274,7 +271,7 @@ class JsonUsageTap(UsageTap):
 
     @property
     def buffered(self) -> int:
-        return 0 if self._size < 0 else self._size
+        return len(self._first) + sum(map(len, self._more or ()))
 
 
 class SseUsageTap(UsageTap):
