@@ -12,7 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from _clock import FakeClock
@@ -341,6 +344,125 @@ def test_free_models_cost_nothing_and_negative_counts_are_ignored(
     assert value(s, "llm_tokens_total", kind="input", **labels) == 500.0
     assert value(s, "llm_tokens_total", kind="output", **labels) == 50.0
     assert value(s, "llm_cost_usd_total", **labels) == 0.0
+
+
+# Recording goes through accumulators; the exposition must be what one plain dict per family
+# (keyed by label tuples, in first-recorded order) gives: names, labels, order and values.
+
+SELECTIONS = [
+    selection("simple", "openai", "gpt-4o-mini", 0.15, 0.6),
+    selection("simple", "anthropic", "claude-haiku", 0.8, 4.0),
+    selection("complex", "openai", "gpt-4o-mini", 0.15, 0.6),
+    selection("simple", "openai", "gpt-4o-mini", 0.3, 1.2),  # the same labels, new prices
+    selection("complex", "local", "llama"),
+]
+calls = st.lists(
+    st.tuples(
+        st.sampled_from(["usage", "duration", "selection"]),
+        st.integers(0, len(SELECTIONS) - 1),
+        st.integers(-5, 3_000_000) | st.sampled_from([0, 1 << 40]),
+        st.integers(-5, 100_000),
+        st.floats(0, 100) | st.sampled_from(DURATION_BUCKETS),
+    ),
+    max_size=60,
+)
+
+
+class Reference:
+    """The families as plain dicts, recorded the straightforward way."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[tuple[str, ...], float] = {}
+        self.cost: dict[tuple[str, ...], float] = {}
+        self.selections: dict[tuple[str, ...], float] = {}
+        self.durations: dict[tuple[str, ...], list[float]] = {}
+
+    def record(self, call: str, sel: Selection, a: int, b: int, seconds: float) -> None:
+        if call == "usage":
+            a, b = max(a, 0), max(b, 0)
+            for kind, n in (("input", a), ("output", b)):
+                key = (*sel.labels, kind)
+                self.tokens[key] = self.tokens.get(key, 0.0) + n
+            price = a * sel.config.input_price_per_million
+            price += b * sel.config.output_price_per_million
+            self.cost[sel.labels] = self.cost.get(sel.labels, 0.0) + price / 1e6
+        elif call == "duration":
+            row = self.durations.setdefault(sel.labels, [0.0] * (len(DURATION_BUCKETS) + 2))
+            row[sum(1 for bound in DURATION_BUCKETS if bound < seconds)] += 1
+            row[-1] += seconds
+        else:
+            self.selections[sel.labels] = self.selections.get(sel.labels, 0.0) + 1.0
+
+    def collect(self) -> list[Any]:
+        tokens = CounterMetricFamily("llm_tokens", "", labels=("tier", "provider", "model", "kind"))
+        for key, count in self.tokens.items():
+            tokens.add_metric(key, count)
+        cost = CounterMetricFamily("llm_cost_usd", "", labels=("tier", "provider", "model"))
+        for key, usd in self.cost.items():
+            cost.add_metric(key, usd)
+        chosen = CounterMetricFamily(
+            "llm_model_selections", "", labels=("tier", "provider", "model")
+        )
+        for key, count in self.selections.items():
+            chosen.add_metric(key, count)
+        durations = HistogramMetricFamily(
+            "llm_request_duration_seconds", "", labels=("tier", "provider", "model")
+        )
+        for key, row in self.durations.items():
+            edges = [*(str(b) for b in DURATION_BUCKETS), "+Inf"]
+            cumulative = [sum(row[: i + 1]) for i in range(len(edges))]
+            durations.add_metric(list(key), list(zip(edges, cumulative, strict=True)), row[-1])
+        return [tokens, cost, chosen, durations]
+
+
+def samples_of(families: Any, names: set[str]) -> dict[str, list[Any]]:
+    """The samples of the named families, in order, by family."""
+    return {
+        f.name: [(s.name, s.labels, s.value) for s in f.samples]
+        for f in families
+        if f.name in names
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(calls=calls)
+def test_exposition_is_that_of_plain_dicts(calls: list[tuple[str, int, int, int, float]]) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    reference = Reference()
+    for call, index, a, b, seconds in calls:
+        sel = SELECTIONS[index]
+        reference.record(call, sel, a, b, seconds)
+        if call == "usage":
+            metrics.usage(sel, a, b)
+        elif call == "duration":
+            metrics.duration(sel, seconds)
+        else:
+            metrics.selection(sel)
+    names = {"llm_tokens", "llm_cost_usd", "llm_model_selections", "llm_request_duration_seconds"}
+    assert samples_of(registry.collect(), names) == samples_of(reference.collect(), names)
+    # And the text: the same lines, in the same order, family by family.
+    expected = CollectorRegistry()
+    expected.register(Fixed(reference.collect()))
+    for name in names:
+        assert lines_of(registry, name) == lines_of(expected, name)
+
+
+class Fixed:
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Any]:
+        return self.families
+
+
+def lines_of(registry: CollectorRegistry, family: str) -> list[str]:
+    text = generate_latest(registry).decode()
+    return [
+        line
+        for line in text.splitlines()
+        if not line.startswith("#") and line.split("{")[0].rsplit("_", 1)[0] == family
+    ]
 
 
 # -- config info --------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from _clock import FakeClock
@@ -27,6 +28,7 @@ from tier_middleware._usage import (
     JsonUsageTap,
     SseUsageTap,
     UsageTap,
+    _usage_of,
 )
 
 JSON = [(b"content-type", b"application/json")]
@@ -253,6 +255,243 @@ def test_json_keeps_a_copy_of_mutable_chunks() -> None:
     tap.feed(chunk)  # type: ignore[arg-type]
     chunk[:] = b"garbage"
     assert tap.result() == (1, 2)
+
+
+# -- JSON bodies: the tap against a plain statement of the rules -------------------------------
+#
+# `JsonUsageTap.result` reads the common shape inline and searches for `"usage` from the end of
+# the body; `spec` is the rule written out without shortcuts, on the full msgspec decode (the
+# parse the tap must agree with: a body it cannot decode has no usage, wherever the fault is).
+
+SPEC_KEYS = (
+    ("usage", "prompt_tokens", "completion_tokens"),
+    ("usage", "input_tokens", "output_tokens"),
+    ("usageMetadata", "promptTokenCount", "candidatesTokenCount"),
+)
+
+
+def spec_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError
+        value = int(value)
+    if not 0 <= value <= 1 << 53:
+        raise ValueError
+    return value
+
+
+def spec_counts(obj: Any) -> tuple[int | None, int | None] | None:
+    """The first holder (the object, its `message`, its `response`) and the first key pair (in
+    SPEC_KEYS order) with either key present decide; a bad value there means no usage."""
+    if not isinstance(obj, dict):
+        return None
+    for holder in (obj, obj.get("message"), obj.get("response")):
+        if not isinstance(holder, dict):
+            continue
+        for field, input_key, output_key in SPEC_KEYS:
+            usage = holder.get(field)
+            if isinstance(usage, dict) and (input_key in usage or output_key in usage):
+                try:
+                    return (
+                        spec_count(usage[input_key]) if input_key in usage else None,
+                        spec_count(usage[output_key]) if output_key in usage else None,
+                    )
+                except ValueError:
+                    return None
+    return None
+
+
+def spec(body: bytes) -> tuple[tuple[int, int] | None, str | None]:
+    """(usage, model) of a whole JSON body, as `JsonUsageTap` must report them."""
+    if b'"usage' not in body:
+        return None, None
+    try:
+        reply = msgspec.json.decode(body)
+    except Exception:
+        return None, None
+    model = reply.get("model") if isinstance(reply, dict) else None
+    counts = spec_counts(reply)
+    usage = None if counts is None else (counts[0] or 0, counts[1] or 0)
+    return usage, model if isinstance(model, str) else None
+
+
+def tapped(*chunks: bytes) -> tuple[tuple[int, int] | None, str | None]:
+    tap = JsonUsageTap()
+    for chunk in chunks:
+        tap.feed(chunk)
+    first = tap.result()
+    assert tap.result() == first  # computed once
+    return first, tap.model
+
+
+COUNT_KEYS = [k for _, i, o in SPEC_KEYS for k in (i, o)]
+valid_counts = st.integers(min_value=0, max_value=100_000)
+bad_counts = st.one_of(
+    st.sampled_from([0, 1 << 53, (1 << 53) + 1, 1 << 64, -1, 12.0, 12.5, -0.0, 1e300, True]),
+    st.none(),
+    st.text(max_size=4),
+)
+counts = st.integers(0, 3).flatmap(lambda k: valid_counts if k else bad_counts)  # 3 in 4 valid
+leaves = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+)
+# Text that looks like usage, for strings (message content, ids): the search must not be fooled.
+lures = st.sampled_from(
+    [
+        '"usage": {"prompt_tokens": 5, "completion_tokens": 6}',
+        '{"usage":{"input_tokens":1,"output_tokens":2}}',
+        '"usageMetadata": {"promptTokenCount": 3}',
+        '"usage": null',
+        '\\"usage\\": {',
+        '"usage',
+    ]
+)
+usage_objects = st.one_of(
+    # a provider's shape: one key pair (either key may be missing), maybe more fields after
+    st.sampled_from(SPEC_KEYS).flatmap(
+        lambda keys: st.fixed_dictionaries(
+            {}, optional={keys[1]: counts, keys[2]: counts, "total_tokens": counts}
+        )
+    ),
+    st.dictionaries(
+        st.sampled_from([*COUNT_KEYS, "total_tokens", "prompt_tokens_details"]), counts, max_size=4
+    ),
+)
+members = st.sampled_from(
+    ["usage", "usageMetadata", "message", "response", "model", "choices", "content", "id"]
+) | st.text(max_size=6)
+
+
+def members_of(draw: st.DrawFn, depth: int) -> list[tuple[str, Any]]:
+    """An object's members as (name, value) pairs: names may repeat (the last one counts)."""
+    out: list[tuple[str, Any]] = []
+    for _ in range(draw(st.integers(0, 5))):
+        name = draw(members)
+        if name in ("usage", "usageMetadata"):
+            value = draw(st.one_of(usage_objects, leaves, st.just({})))
+        elif name in ("message", "response", "choices") and depth < 2:
+            value = dict(members_of(draw, depth + 1))
+            if name == "choices":
+                value = [value]
+        elif name == "model":
+            value = draw(st.text(max_size=8) | st.integers() | st.none())
+        else:
+            value = draw(leaves | lures)
+        out.append((name, value))
+    return out
+
+
+def encode(members: list[tuple[str, Any]], draw: st.DrawFn) -> bytes:
+    """A JSON object from pairs, repeated names kept, with drawn spacing and escaping."""
+    ascii_only = draw(st.booleans())
+    space = draw(st.sampled_from(["", " ", "\n", "\t ", "\r\n  "]))
+    parts = [
+        json.dumps(name, ensure_ascii=ascii_only)
+        + space
+        + ":"
+        + space
+        + json.dumps(value, ensure_ascii=ascii_only, indent=draw(st.sampled_from([None, 1])))
+        for name, value in members
+    ]
+    return ("{" + space + ("," + space).join(parts) + space + "}").encode()
+
+
+@st.composite
+def reply_bodies(draw: st.DrawFn) -> bytes:
+    pairs = members_of(draw, 0)
+    if draw(st.booleans()):
+        pairs.insert(0, ("model", draw(st.text(max_size=8))))
+    if draw(st.integers(0, 3)):  # as replies are: usage last (or just before an extra member)
+        keys = draw(st.sampled_from(SPEC_KEYS))
+        shaped = {keys[1]: draw(counts), keys[2]: draw(counts), "total_tokens": 1}
+        pairs.insert(
+            len(pairs) - draw(st.sampled_from([0, 0, 0, 1])) if pairs else 0, (keys[0], shaped)
+        )
+    body = encode(pairs, draw)
+    damage = draw(st.sampled_from(["none"] * 6 + ["cut", "byte", "insert", "tail", "wrap"]))
+    if damage == "cut":
+        body = body[: draw(st.integers(0, len(body)))]
+    elif damage == "byte" and body:
+        at = draw(st.integers(0, len(body) - 1))
+        body = body[:at] + bytes([draw(st.integers(0, 255))]) + body[at + 1 :]
+    elif damage == "insert":
+        at = draw(st.integers(0, len(body)))
+        extra = draw(
+            st.sampled_from([b"\xff", b"\\", b'"', b",", b"}", b" ", b"\xc3\xa9", b"1e400"])
+        )
+        body = body[:at] + extra + body[at:]
+    elif damage == "tail":
+        body += draw(st.sampled_from([b" ", b"\n", b"x", b"}", b',"usage":{}']))
+    elif damage == "wrap":
+        body = b"[" + body + b"]"
+    return body
+
+
+ADVERSARIAL = [
+    # usage text inside message content, with and without real usage after it
+    b'{"choices":[{"message":{"content":"\\"usage\\": {\\"prompt_tokens\\": 9, '
+    b'\\"completion_tokens\\": 9}"}}]}',
+    b'{"choices":[{"message":{"content":"the \\"usage\\" of words"}}],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":4}}',
+    # a string ending in an escaped backslash, then usage
+    b'{"content":"a\\\\","usage":{"prompt_tokens":3,"completion_tokens":4}}',
+    # two usage members: the last one counts, wherever it is and whatever it holds
+    b'{"usage":{"prompt_tokens":1,"completion_tokens":2},"usage":{"prompt_tokens":5,'
+    b'"completion_tokens":6}}',
+    b'{"usage":{"prompt_tokens":1,"completion_tokens":2},"usage":null}',
+    b'{"usage":null,"usage":{"input_tokens":7}}',
+    # usage not last, and nested only
+    b'{"usage":{"input_tokens":1,"output_tokens":2},"model":"m","id":"x"}',
+    b'{"message":{"usage":{"input_tokens":1,"output_tokens":2}},"model":"m"}',
+    b'{"response":{"usage":{"input_tokens":1}},"usage":null}',
+    b'{"usage":{"total_tokens":3},"usageMetadata":{"promptTokenCount":2}}',
+    # whitespace everywhere
+    b' \n{ "usage" :\r\n { "prompt_tokens" : 1 ,\t"completion_tokens" : 2 } } \n',
+    # an escaped member name (no literal "usage in the body: not counted, like before)
+    b'{"us\\u0061ge":{"prompt_tokens":1,"completion_tokens":2}}',
+    b'{"us\\u0061ge":{"prompt_tokens":1,"completion_tokens":2},"x":"\\"usage"}',
+    # fine usage, broken elsewhere: the body does not parse, so no usage
+    b'{"x":"\xff","usage":{"prompt_tokens":1,"completion_tokens":2}}',
+    b'{"x":1e400,"usage":{"prompt_tokens":1,"completion_tokens":2}}',
+    b'{"x":[1,],"usage":{"prompt_tokens":1,"completion_tokens":2}}',
+    b'{"usage":{"prompt_tokens":1,"completion_tokens":2}}}',
+    b'{"usage":{"prompt_tokens":1,"completion_tokens":2}',
+    b'[{"usage":{"prompt_tokens":1,"completion_tokens":2}}]',
+    # counts on the edges of what is valid
+    b'{"usage":{"prompt_tokens":9007199254740992,"completion_tokens":0}}',
+    b'{"usage":{"prompt_tokens":9007199254740993,"completion_tokens":0}}',
+    b'{"usage":{"prompt_tokens":-0,"completion_tokens":1e2}}',
+    b'{"usage":{"prompt_tokens":1,"completion_tokens":false}}',
+    b'{"model":7,"usage":{"prompt_tokens":1,"completion_tokens":2}}',
+]
+
+
+@pytest.mark.parametrize("body", ADVERSARIAL)
+def test_json_adversarial_bodies_match_the_rule(body: bytes) -> None:
+    assert tapped(body) == spec(body)
+    assert tapped(*(body[i : i + 1] for i in range(len(body)))) == spec(body)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=reply_bodies(), cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=6))
+@example(body=ADVERSARIAL[1], cuts=[])
+def test_json_tap_matches_the_rule_on_any_body(body: bytes, cuts: list[int]) -> None:
+    points = sorted({c % (len(body) + 1) for c in cuts})
+    chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    assert tapped(*chunks) == spec(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=reply_bodies())
+def test_event_usage_matches_the_rule(body: bytes) -> None:
+    # Events are read with `_usage_of` on their decoded data: the same rule.
+    try:
+        obj = msgspec.json.decode(body)
+    except Exception:
+        return
+    assert _usage_of(obj) == spec_counts(obj)
 
 
 # -- event streams ----------------------------------------------------------------------------------

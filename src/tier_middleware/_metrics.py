@@ -5,7 +5,8 @@ Starlette builds a middleware stack more than once and tests build many apps in 
 registering the series again (which prometheus-client refuses with "Duplicated timeseries").
 
 Counters and the latency histogram are plain dicts keyed by label tuples, exported by collectors
-when scraped: recording is one dict update, no lock and no label validation.
+when scraped: recording is one dict update, no lock and no label validation. Token and cost
+counts share one accumulator per (tier, provider, model), added to in place.
 """
 
 from __future__ import annotations
@@ -125,8 +126,53 @@ class _Counters:
         return [family]
 
 
+class _UsageRow:
+    """The tokens and cost of one (tier, provider, model), added to in place."""
+
+    __slots__ = ("cost", "input", "output")
+
+    def __init__(self) -> None:
+        self.input = 0.0
+        self.output = 0.0
+        self.cost = 0.0
+
+
+class _UsageCounters:
+    """A counter family read from the `_UsageRow` accumulators when scraped: `<ns>_tokens` (a
+    series per kind, input then output) or `<ns>_cost_usd`. Recording is attribute additions
+    on an accumulator found with one dict lookup."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        usage: dict[tuple[str, str, str], _UsageRow],
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.usage = usage
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labels)]
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        rows = list(self.usage.items())
+        if self.labels[-1] == "kind":
+            for key, row in rows:
+                family.add_metric((*key, "input"), row.input)
+                family.add_metric((*key, "output"), row.output)
+        else:
+            for key, row in rows:
+                family.add_metric(key, row.cost)
+        return [family]
+
+
 class _Histograms:
-    """A histogram family: per label set, bucket counts, a sum and a count."""
+    """A histogram family: per label set, bucket counts, a sum and a count (recorded by
+    `Metrics.duration`)."""
 
     def __init__(
         self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
@@ -137,13 +183,6 @@ class _Histograms:
         self.bounds = buckets
         # per label set: [count in each bucket (not cumulative) ..., +Inf bucket, sum]
         self.values: dict[tuple[str, ...], list[float]] = {}
-
-    def observe(self, key: tuple[str, ...], value: float) -> None:
-        row = self.values.get(key)
-        if row is None:
-            row = self.values[key] = [0.0] * (len(self.bounds) + 2)
-        row[bisect_left(self.bounds, value)] += 1
-        row[-1] += value
 
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labels)]
@@ -255,20 +294,19 @@ class Metrics:
             namespace=namespace,
             registry=None,
         )
-        self.tokens = counters(
-            "tokens",
+        # Per (tier, provider, model), in the order they first reported usage: both families.
+        self._usage: dict[tuple[str, str, str], _UsageRow] = {}
+        self.tokens = _UsageCounters(
+            _full_name(namespace, "tokens"),
             "Tokens reported by the provider, by kind (input or output)",
-            "tier",
-            "provider",
-            "model",
-            "kind",
+            ("tier", "provider", "model", "kind"),
+            self._usage,
         )
-        self.cost_usd = counters(
-            "cost_usd",
+        self.cost_usd = _UsageCounters(
+            _full_name(namespace, "cost_usd"),
             "Cost in US dollars from reported tokens and the configured prices",
-            "tier",
-            "provider",
-            "model",
+            ("tier", "provider", "model"),
+            self._usage,
         )
         self.retries_over_budget = counters(
             "retries_over_budget", "Retries skipped because the retry budget was spent", "tier"
@@ -310,9 +348,8 @@ class Metrics:
         self._requests = self.tier_requests.values
         self._selections = self.model_selections.values
         self._failures = self.provider_failures.values
-        self._tokens = self.tokens.values
-        self._cost = self.cost_usd.values
-        self._token_keys: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._durations = self.request_duration.values
+        self._bounds = self.request_duration.bounds
 
     # -- recording (hot path) -----------------------------------------------------------------
 
@@ -344,7 +381,11 @@ class Metrics:
         self._add(self.tier_unavailable.values, (tier,), 1.0)
 
     def duration(self, sel: Selection, seconds: float) -> None:
-        self.request_duration.observe(sel.labels, seconds)
+        row = self._durations.get(sel.labels)
+        if row is None:
+            row = self._durations[sel.labels] = [0.0] * (len(self._bounds) + 2)
+        row[bisect_left(self._bounds, seconds)] += 1
+        row[-1] += seconds
 
     def session_upgrade(self, from_tier: str, to_tier: str) -> None:
         self._add(self.session_upgrades.values, (from_tier, to_tier), 1.0)
@@ -371,32 +412,21 @@ class Metrics:
 
     def usage(self, sel: Selection, input_tokens: int, output_tokens: int) -> None:
         """Add the tokens of one response (a negative count counts as 0), and their cost at the
-        prices of `sel.config`."""
+        prices of `sel.config`. A model's series are created (at 0) the first time it reports."""
         if input_tokens < 0:
             input_tokens = 0
         if output_tokens < 0:
             output_tokens = 0
-        labels = sel.labels
-        keys = self._token_keys.get(labels)
-        if keys is None:
-            keys = self._usage_keys(labels)
-        tokens = self._tokens
-        tokens[keys[0]] += input_tokens
-        tokens[keys[1]] += output_tokens
+        row = self._usage.get(sel.labels)
+        if row is None:
+            row = self._usage[sel.labels] = _UsageRow()
+        row.input += input_tokens
+        row.output += output_tokens
         config = sel.config
-        self._cost[labels] += (
+        row.cost += (
             input_tokens * config.input_price_per_million
             + output_tokens * config.output_price_per_million
         ) / 1e6
-
-    def _usage_keys(self, labels: tuple[str, str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """The token series of a model, created at 0 the first time it reports usage."""
-        keys = ((*labels, "input"), (*labels, "output"))
-        for key in keys:
-            self._tokens.setdefault(key, 0.0)
-        self._cost.setdefault(labels, 0.0)
-        self._token_keys[labels] = keys
-        return keys
 
     def over_budget(self, tier: str) -> None:
         self._add(self.retries_over_budget.values, (tier,), 1.0)

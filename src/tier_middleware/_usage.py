@@ -28,6 +28,8 @@ MAX_JSON_BODY = 1 << 20
 MAX_EVENT = 64 << 10
 # Larger counts are not tokens of one response (and lose precision as floats).
 _MAX_TOKENS = 1 << 53
+# Counts with no bit at or above this one are within _MAX_TOKENS: one shift checks two of them.
+_SHORT_BITS = _MAX_TOKENS.bit_length() - 1
 
 _decode = msgspec.json.decode
 
@@ -72,6 +74,12 @@ def _usage_of(obj: Any) -> Counts | None:
             if 0 <= prompt <= _MAX_TOKENS and 0 <= completion <= _MAX_TOKENS:
                 return prompt, completion
             return None
+    return _usage_in(obj)
+
+
+def _usage_in(obj: dict[str, Any]) -> Counts | None:
+    """`_usage_of` past its check of the common shape: the first usage object found, looking
+    in `obj`, then in its `message` and `response`."""
     for holder in (obj, obj.get("message"), obj.get("response")):
         if not isinstance(holder, dict):
             continue
@@ -176,56 +184,94 @@ class UsageTap:
 
 
 class JsonUsageTap(UsageTap):
-    """A JSON body: chunks are kept (up to `limit` bytes) and parsed once, by `result`."""
+    """A JSON body: chunks are kept (up to `limit` bytes) and parsed once, by `result`.
 
-    __slots__ = ("_chunks", "_limit", "_result", "_size", "model")
+    The first chunk is held as it is and later ones in a list: most bodies come in one chunk,
+    and then nothing else is allocated.
+    """
+
+    __slots__ = ("_first", "_more", "_reply", "_result", "_room")
 
     kind = "json"
 
     def __init__(self, limit: int = MAX_JSON_BODY) -> None:
-        self._chunks: list[bytes] | None = []  # None once given up on, or parsed
-        self._size = 0
-        self._limit = limit
+        self._first = b""  # the first chunk
+        self._more: list[bytes] | None = None  # the chunks after it, once there are any
+        self._room = limit  # how many more bytes may be held; -1 once given up on, or parsed
         self._result: tuple[int, int] | None = None
-        self.model: str | None = None  # the reply's "model", read with its usage (for traces)
+        self._reply: Any = None  # the parsed body, once it is: `model` is read from it
 
     def feed(self, chunk: bytes) -> None:
-        chunks = self._chunks
-        if chunks is None or not chunk:
-            return
         try:
-            size = self._size + len(chunk)
-            if size > self._limit:
-                self._chunks = None  # too big to be worth it: give up, free the memory
+            if not chunk or self._room < 0:
                 return
-            self._size = size
+            room = self._room - len(chunk)
+            if room < 0:  # too big to be worth it: give up, free the memory
+                self._give_up()
+                return
             # bytes are immutable: keep a reference; copy only a mutable buffer.
-            chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
+            if type(chunk) is not bytes:
+                chunk = bytes(chunk)
+            if not self._first:
+                self._first = chunk
+            elif self._more is None:
+                self._more = [chunk]
+            else:
+                self._more.append(chunk)
+            self._room = room
         except Exception:
-            self._chunks = None
+            self._give_up()
+
+    def _give_up(self) -> None:
+        self._room = -1
+        self._first = b""
+        self._more = None
 
     def result(self) -> tuple[int, int] | None:
-        chunks = self._chunks
-        if chunks:
-            self._chunks = None
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            # Most replies without usage are skipped without parsing ("usage", "usageMetadata").
-            if b'"usage' in body:
-                try:
-                    reply = _decode(body)
-                    counts = _usage_of(reply)
-                    model = reply.get("model") if type(reply) is dict else None
-                    if type(model) is str:
-                        self.model = model
-                except Exception:
-                    counts = None
-                if counts is not None:
-                    self._result = (counts[0] or 0, counts[1] or 0)
+        body = self._first
+        if not body:  # nothing yet, given up on, or parsed already
+            return self._result
+        self._room = -1
+        self._first = b""
+        if self._more is not None:
+            body = b"".join((body, *self._more))
+            self._more = None
+        # Most replies without usage are skipped without parsing ("usage", "usageMetadata").
+        # Replies put their usage last: searching from the end finds it at once.
+        if body.rfind(b'"usage') < 0:
+            return None
+        try:
+            reply = _decode(body)
+            usage = reply.get("usage")  # AttributeError unless the body is an object (a dict)
+        except Exception:
+            return None
+        self._reply = reply
+        if type(usage) is dict:  # the common OpenAI shape, first (as in `_usage_of`)
+            prompt = usage.get("prompt_tokens")
+            completion = usage.get("completion_tokens")
+            # Both non-negative and short, so within _MAX_TOKENS; _usage_in judges any other.
+            if (
+                type(prompt) is int
+                and type(completion) is int
+                and not (prompt | completion) >> _SHORT_BITS
+            ):
+                self._result = (prompt, completion)
+                return self._result
+        counts = _usage_in(reply)
+        if counts is not None:
+            self._result = (counts[0] or 0, counts[1] or 0)
         return self._result
 
     @property
+    def model(self) -> str | None:
+        """The reply's "model" (for traces), once `result` has parsed the reply."""
+        reply = self._reply
+        model = None if reply is None else reply.get("model")
+        return model if type(model) is str else None
+
+    @property
     def buffered(self) -> int:
-        return 0 if self._chunks is None else self._size
+        return len(self._first) + sum(map(len, self._more or ()))
 
 
 class SseUsageTap(UsageTap):
