@@ -7,7 +7,6 @@ import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from ._asgi import by_name
 from ._attribution import Verdict, judge_exception, judge_status, retry_after_of
 from ._errors import retry_after_headers, service_unavailable
 from ._request import OWN_HEADERS
@@ -281,21 +280,21 @@ class Attempt:
 
 
 def _response_headers(headers: Any) -> tuple[Headers, bytes | None, bytes | None]:
-    """The app's response headers without any of ours, its content-type and content-encoding."""
-    named = by_name(headers)
-    if named is not None and OWN_HEADERS.isdisjoint(named):  # what frameworks send
-        return list(headers), named.get(b"content-type"), named.get(b"content-encoding")
+    """The app's response headers without any of ours, its content-type and content-encoding.
+    A loop rather than a dict: a response carries a handful of headers, lowercase."""
     out: Headers = []
     content_type = encoding = None
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered in OWN_HEADERS:
-            continue
-        if lowered == b"content-type":
-            content_type = value
-        elif lowered == b"content-encoding":
-            encoding = value
-        out.append((name, value))
+    for pair in headers:
+        name = pair[0]
+        if name.startswith(b"x-tier") or not name.islower():
+            name = name.lower()
+            if name in OWN_HEADERS:
+                continue
+        if name == b"content-type":
+            content_type = pair[1]
+        elif name == b"content-encoding":
+            encoding = pair[1]
+        out.append(pair)
     return out, content_type, encoding
 
 

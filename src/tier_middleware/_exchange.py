@@ -310,18 +310,23 @@ class Exchange(Request):
         """The request headers the app gets: without ours and the tier header, and for a
         rewritten body without its framing (each attempt adds a fresh content-length)."""
         mw = self.mw
-        drop = mw.request_drop_rewritten if self.payload is not None else mw.request_drop
+        rewritten = self.payload is not None
         headers = self.headers
         named = self.named
-        if named is None:
-            return [(k, v) for k, v in headers if k.lower() not in drop]
-        present = drop.intersection(named)
-        if len(present) == 1:  # typically content-length: cut it out without a Python loop
-            (name,) = present
+        if named is not None and mw.request_drop_rare.isdisjoint(named):
+            # What servers send: nothing to drop but, for a rewritten body, its length.
             kept = list(headers)
-            del kept[list(named).index(name)]
+            length = named.get(b"content-length") if rewritten else None
+            if length is not None:
+                try:
+                    kept.remove((b"content-length", length))
+                except ValueError:  # the pair is not a tuple
+                    return [h for h in headers if h[0] != b"content-length"]
             return kept
-        return [h for h in headers if h[0] not in drop] if present else list(headers)
+        drop = mw.request_drop_rewritten if rewritten else mw.request_drop
+        if named is not None:
+            return [h for h in headers if h[0] not in drop]
+        return [(k, v) for k, v in headers if k.lower() not in drop]
 
     async def alternative(self, failed: Selection) -> Selection | None:
         """A model other than `failed` and those that failed before it to retry with, if the

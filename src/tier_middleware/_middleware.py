@@ -111,6 +111,7 @@ class TierRoutingMiddleware:
         # Request headers the app must not see from the client: ours are set by the middleware.
         self.request_drop = OWN_HEADERS | {self.tier_header}
         self.request_drop_rewritten = self.request_drop | BODY_FRAMING
+        self.request_drop_rare = self.request_drop_rewritten - {b"content-length"}
         self.routes = RouteTable(routes)
         self.metrics = Metrics.for_registry(registry, metrics_namespace)
         # OpenTelemetry (`_tracing.py`): without a provider to record to, a plain Exchange.
