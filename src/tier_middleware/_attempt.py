@@ -64,9 +64,9 @@ class Attempt:
             mw = ex.mw
             body = self.body = payload.rewrite(mw.tier_field, mw.model_field, sel.model)
             length = (b"content-length", str(len(body)).encode())
-            headers = [*base_headers, length, *sel.headers]
+            headers = [*base_headers, length, *sel._headers]
         else:
-            headers = [*base_headers, *sel.headers]
+            headers = [*base_headers, *sel._headers]
         scope = ex.scope
         # scope["state"] is shared by reference: each attempt gets its own copy.
         state = scope.get("state")
@@ -142,7 +142,7 @@ class Attempt:
         longest (a misconfiguration) or shortest (a timeout) of `retry_after_bounds`."""
         bounds = self.exchange.mw.retry_after_bounds
         error = service_unavailable(code, message, bounds[1] if long else bounds[0], bounds)
-        await error.send(self.exchange.send, self.selection.headers)
+        await error.send(self.exchange.send, self.selection._headers)
 
     async def _neutral(self, verdict: Verdict) -> None:
         if verdict is Verdict.CALLER_ERROR and not self.recorded:
@@ -229,7 +229,7 @@ class Attempt:
         out, content_type, encoding = _response_headers(headers)
         if status == 503 and mw.router is not None:
             out += _retry_after_if_down(mw.router, ex.tier, out, mw.retry_after_bounds)
-        out += sel.headers
+        out += sel._headers
         attempts = ex.attempts
         out.append(
             _ATTEMPTS[attempts]

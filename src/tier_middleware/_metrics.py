@@ -362,14 +362,14 @@ class Metrics:
         self._requests[key] = self._requests.get(key, 0.0) + 1.0
 
     def selection(self, sel: Selection) -> None:
-        key = sel.labels
+        key = sel._labels
         self._selections[key] = self._selections.get(key, 0.0) + 1.0
 
     def failure(self, sel: Selection) -> None:
         self._add(self._failures, (sel.provider, sel.model), 1.0)
 
     def caller_error(self, sel: Selection) -> None:
-        self._add(self.caller_errors.values, sel.labels, 1.0)
+        self._add(self.caller_errors.values, sel._labels, 1.0)
 
     def suspect(self, tier: str) -> None:
         self._add(self.suspect_requests.values, (tier,), 1.0)
@@ -381,9 +381,9 @@ class Metrics:
         self._add(self.tier_unavailable.values, (tier,), 1.0)
 
     def duration(self, sel: Selection, seconds: float) -> None:
-        row = self._durations.get(sel.labels)
+        row = self._durations.get(sel._labels)
         if row is None:
-            row = self._durations[sel.labels] = [0.0] * (len(self._bounds) + 2)
+            row = self._durations[sel._labels] = [0.0] * (len(self._bounds) + 2)
         row[bisect_left(self._bounds, seconds)] += 1
         row[-1] += seconds
 
@@ -417,9 +417,9 @@ class Metrics:
             input_tokens = 0
         if output_tokens < 0:
             output_tokens = 0
-        row = self._usage.get(sel.labels)
+        row = self._usage.get(sel._labels)
         if row is None:
-            row = self._usage[sel.labels] = _UsageRow()
+            row = self._usage[sel._labels] = _UsageRow()
         row.input += input_tokens
         row.output += output_tokens
         config = sel.config

@@ -25,18 +25,19 @@ class Selection:
     provider: str
     model: str
     config: ModelConfig
-    # Derived once, since a selection is reused by every request it serves.
+    # Derived once, since a selection is reused by every request it serves; the metric labels
+    # and response headers are the middleware's caches, not part of the public value.
     key: Key = field(init=False, repr=False, compare=False)
-    labels: tuple[str, str, str] = field(init=False, repr=False, compare=False)
-    headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, compare=False)
+    _labels: tuple[str, str, str] = field(init=False, repr=False, compare=False)
+    _headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "key", (self.provider, self.model))
-        set_(self, "labels", (self.tier, self.provider, self.model))
+        set_(self, "_labels", (self.tier, self.provider, self.model))
         set_(
             self,
-            "headers",
+            "_headers",
             (
                 (b"x-tier", self.tier.encode()),
                 (b"x-tier-provider", self.provider.encode()),
