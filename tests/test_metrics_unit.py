@@ -378,20 +378,21 @@ class Reference:
         self.durations: dict[tuple[str, ...], list[float]] = {}
 
     def record(self, call: str, sel: Selection, a: int, b: int, seconds: float) -> None:
+        labels = (sel.tier, sel.provider, sel.model)
         if call == "usage":
             a, b = max(a, 0), max(b, 0)
             for kind, n in (("input", a), ("output", b)):
-                key = (*sel._labels, kind)
+                key = (*labels, kind)
                 self.tokens[key] = self.tokens.get(key, 0.0) + n
             price = a * sel.config.input_price_per_million
             price += b * sel.config.output_price_per_million
-            self.cost[sel._labels] = self.cost.get(sel._labels, 0.0) + price / 1e6
+            self.cost[labels] = self.cost.get(labels, 0.0) + price / 1e6
         elif call == "duration":
-            row = self.durations.setdefault(sel._labels, [0.0] * (len(DURATION_BUCKETS) + 2))
+            row = self.durations.setdefault(labels, [0.0] * (len(DURATION_BUCKETS) + 2))
             row[sum(1 for bound in DURATION_BUCKETS if bound < seconds)] += 1
             row[-1] += seconds
         else:
-            self.selections[sel._labels] = self.selections.get(sel._labels, 0.0) + 1.0
+            self.selections[labels] = self.selections.get(labels, 0.0) + 1.0
 
     def collect(self) -> list[Any]:
         tokens = CounterMetricFamily("llm_tokens", "", labels=("tier", "provider", "model", "kind"))
