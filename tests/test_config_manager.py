@@ -72,17 +72,23 @@ async def test_the_hot_path_makes_no_request_before_the_refresh_point(
     assert h.results == ["success"]
 
 
-async def test_tick_costs_well_under_a_microsecond(control_plane: ControlPlane) -> None:
-    async with ConfigManager(cp_source(control_plane)) as m:  # the real monotonic clock
+async def test_tick_between_refreshes_only_reads_the_clock(control_plane: ControlPlane) -> None:
+    """Every routed request ticks: while nothing is due, one clock read and nothing else
+    (its cost is measured by bench/config_tick.py)."""
+    reads = []
+    clock = FakeClock()
+
+    def counting() -> float:
+        reads.append(None)
+        return clock()
+
+    async with ConfigManager(cp_source(control_plane), clock=counting) as m:
         await m.ready()
-        tick = m.tick
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(100_000):
-                tick()
-            best = min(best, (time.perf_counter() - start) / 100_000)
-        assert best < 1e-6, f"tick() took {best * 1e9:.0f} ns"
+        reads.clear()
+        for _ in range(1000):
+            m.tick()
+        assert len(reads) == 1000
+        assert not m.refreshing
         assert control_plane.hits == 1
 
 
