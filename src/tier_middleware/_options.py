@@ -123,7 +123,7 @@ def grouped(
         warnings.warn(
             f"{name}= is deprecated; use {group}={_GROUPS[group]}({option}=...)",
             DeprecationWarning,
-            stacklevel=4,
+            stacklevel=3,  # the caller of TierRoutingMiddleware(...)
         )
         changes[group][option] = value
     return (
