@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from _clock import FakeClock
 from asgi_harness import Provider, call
+from configs import weighted
 from control_plane import ControlPlane, _http, tier_payload
 from tier_middleware import (
     ControlPlaneSource,
@@ -37,17 +38,7 @@ REQUEST_HEADERS = (
     ("api-key", "sk-secret-BBB"),
     ("x-api-key", "sk-secret-CCC"),
 )
-CONFIG = {
-    "version": "log-1",
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "haiku", "relative_cost": 1},
-        ],
-        "moderate": [{"provider": "openai", "model": "4o", "relative_cost": 4}],
-        "complex": [{"provider": "anthropic", "model": "opus", "relative_cost": 10}],
-    },
-}
+CONFIG = weighted("log-1", haiku_cost=1)
 
 
 def chat(tier: str) -> bytes:
