@@ -33,18 +33,25 @@ def two_per_tier(version: str | None = None) -> dict[str, Any]:
     return config
 
 
-def weighted(version: str | None = None, haiku_cost: int = 2) -> dict[str, Any]:
-    """Simple has two models, mini at cost 1 and haiku at `haiku_cost` (by default haiku costs
-    twice mini, so mini weighs twice haiku); moderate and complex have one each."""
+def one_per_tier(version: str | None = None) -> dict[str, Any]:
+    """One model per tier: mini (cost 1), 4o (4) and opus (10)."""
     config: dict[str, Any] = {
         "tiers": {
-            "simple": [entry("openai", "mini"), entry("anthropic", "haiku", haiku_cost)],
+            "simple": [entry("openai", "mini")],
             "moderate": [entry("openai", "4o", 4)],
             "complex": [entry("anthropic", "opus", 10)],
         }
     }
     if version is not None:
         config["version"] = version
+    return config
+
+
+def weighted(version: str | None = None, haiku_cost: int = 2) -> dict[str, Any]:
+    """one_per_tier() with haiku after mini in simple, at `haiku_cost` (by default haiku costs
+    twice mini, so mini weighs twice haiku)."""
+    config = one_per_tier(version)
+    config["tiers"]["simple"].append(entry("anthropic", "haiku", haiku_cost))
     return config
 
 
