@@ -94,6 +94,16 @@ def http_scope(
     }
 
 
+async def read_body(receive: Any) -> bytes:
+    """What an ASGI app reads of a request body: every chunk up to the one without `more_body`."""
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
 async def call(
     app: App,
     body: bytes | list[bytes] = b"",

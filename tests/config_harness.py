@@ -1,6 +1,6 @@
 """ConfigManagers on hand-driven clocks against the test control plane (`control_plane.py`), for
-tests/test_control_plane.py and tests/test_config_manager.py. Each of them declares its own
-`control_plane` and `make` fixtures, the latter on top of `managers()`."""
+tests/test_control_plane.py and tests/test_config_manager.py. Their `control_plane` and `make`
+fixtures live in conftest.py, the latter on top of `managers()`."""
 
 from __future__ import annotations
 

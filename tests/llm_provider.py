@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from asgi_harness import read_body
 from tier_middleware import TierRoutingMiddleware
 
 CHAT = "/v1/chat/completions"
@@ -89,15 +90,10 @@ class FakeProvider:
         """The same provider as a raw ASGI app, for uvicorn."""
         if scope["type"] != "http":
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         url = f"http://{headers.get('host', '')}{scope['path']}"
-        status, out, content = await self._answer(url, headers, b"".join(chunks))
+        status, out, content = await self._answer(url, headers, body)
         raw = [(k.encode(), v.encode()) for k, v in out.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         if isinstance(content, bytes):

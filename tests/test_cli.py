@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -179,12 +178,6 @@ def test_check_unusable_file_exits_1(tmp_path: Path, name: str) -> None:
 
 
 # -- check: a control plane ------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def control_plane(anyio_backend: str) -> AsyncIterator[ControlPlane]:
-    async with ControlPlane() as cp:
-        yield cp
 
 
 @pytest.mark.anyio

@@ -417,48 +417,55 @@ def test_yaml_file_is_rejected_by_extension(tmp_path: Path) -> None:
     assert ".json or .toml" in message
 
 
-def test_file_without_extension_is_rejected(tmp_path: Path) -> None:
-    path = tmp_path / "tiers"
-    path.write_text(json.dumps(CONTROL_PLANE_DATA))
-    with pytest.raises(ConfigError, match=r"unsupported config file type '\(none\)'"):
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        pytest.param(
+            "tiers",
+            json.dumps(CONTROL_PLANE_DATA).encode(),
+            r"unsupported config file type '\(none\)'",
+            id="without_extension",
+        ),
+        pytest.param("tiers.toml", b'version = "\xff\xfe"\n', "not valid TOML", id="toml_not_utf8"),
+        pytest.param(
+            "tiers.json",
+            b"[1, 2, 3]",
+            "a tier config must be an object, got list",
+            id="json_not_an_object",
+        ),
+    ],
+)
+def test_a_file_that_holds_no_tier_config_is_rejected(
+    tmp_path: Path, name: str, content: bytes, match: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=match):
         TierConfig.load(path)
 
 
-def test_garbage_json_file(tmp_path: Path) -> None:
-    path = tmp_path / "tiers.json"
-    path.write_text("{ this is : not json")
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        pytest.param("tiers.json", b"{ this is : not json", "not valid JSON", id="garbage_json"),
+        pytest.param(
+            "tiers.toml",
+            b"[[tiers.simple]\nprovider = = 'x'\n",
+            "not valid TOML",
+            id="garbage_toml",
+        ),
+        pytest.param("absent.json", None, "cannot read config file", id="missing"),
+    ],
+)
+def test_an_unreadable_file_is_reported_after_its_path(
+    tmp_path: Path, name: str, content: bytes | None, expected: str
+) -> None:
+    path = tmp_path / name
+    if content is not None:  # (None: there is no file)
+        path.write_bytes(content)
     with pytest.raises(ConfigError) as info:
         TierConfig.load(path)
-    assert str(info.value).startswith(f"{path}: not valid JSON")
-
-
-def test_garbage_toml_file(tmp_path: Path) -> None:
-    path = tmp_path / "tiers.toml"
-    path.write_text("[[tiers.simple]\nprovider = = 'x'\n")
-    with pytest.raises(ConfigError) as info:
-        TierConfig.load(path)
-    assert str(info.value).startswith(f"{path}: not valid TOML")
-
-
-def test_toml_file_that_is_not_utf8(tmp_path: Path) -> None:
-    path = tmp_path / "tiers.toml"
-    path.write_bytes(b'version = "\xff\xfe"\n')
-    with pytest.raises(ConfigError, match="not valid TOML"):
-        TierConfig.load(path)
-
-
-def test_json_file_that_is_not_an_object(tmp_path: Path) -> None:
-    path = tmp_path / "tiers.json"
-    path.write_text("[1, 2, 3]")
-    with pytest.raises(ConfigError, match="a tier config must be an object, got list"):
-        TierConfig.load(path)
-
-
-def test_missing_file(tmp_path: Path) -> None:
-    path = tmp_path / "absent.json"
-    with pytest.raises(ConfigError) as info:
-        TierConfig.load(path)
-    assert str(info.value).startswith(f"{path}: cannot read config file")
+    assert str(info.value).startswith(f"{path}: {expected}")
 
 
 def test_invalid_values_in_a_file_name_the_file(tmp_path: Path) -> None:

@@ -12,14 +12,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from _clock import FakeClock
-from config_harness import REFRESH_AT, RETRY, TTL, Make, cp_source, managers, warnings_of
+from config_harness import REFRESH_AT, RETRY, TTL, Make, cp_source, warnings_of
 from control_plane import ControlPlane, tier_payload
 from tier_middleware import ConfigError, TierConfig
 from tier_middleware._config_manager import ConfigManager
@@ -39,18 +38,6 @@ FALLBACK: dict[str, Any] = {
         "complex": [{"provider": "anthropic", "model": "claude-opus", "relative_cost": 20}],
     },
 }
-
-
-@pytest.fixture
-async def control_plane(anyio_backend: str) -> AsyncIterator[ControlPlane]:
-    async with ControlPlane() as cp:
-        yield cp
-
-
-@pytest.fixture
-async def make(anyio_backend: str) -> AsyncIterator[Make]:
-    async with managers() as build:
-        yield build
 
 
 # -- the hot path ---------------------------------------------------------------------------------

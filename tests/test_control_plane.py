@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
-from config_harness import REFRESH_AT, RETRY, Make, cp_source, managers, warnings_of
+from config_harness import REFRESH_AT, RETRY, Make, cp_source, warnings_of
 from control_plane import ControlPlane
 from tier_middleware._config_manager import ConfigManager
 from tier_middleware._control_plane import ControlPlaneSource
@@ -22,18 +21,6 @@ pytestmark = pytest.mark.anyio
 
 SECRET = "sk-live-7f3a9c1e-very-secret"
 HEADER_SECRET = "tenant-token-4d2b8e"
-
-
-@pytest.fixture
-async def control_plane(anyio_backend: str) -> AsyncIterator[ControlPlane]:
-    async with ControlPlane() as cp:
-        yield cp
-
-
-@pytest.fixture
-async def make(anyio_backend: str) -> AsyncIterator[Make]:
-    async with managers() as build:
-        yield build
 
 
 # -- what a fetch sends and accepts --------------------------------------------------------------

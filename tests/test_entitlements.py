@@ -14,19 +14,12 @@ import pytest
 from fastapi import FastAPI, Request
 
 from asgi_harness import Provider, call
+from configs import one_per_tier
 from tier_middleware import RoutePolicy, TierConfig, TierRoutingMiddleware
 
 pytestmark = pytest.mark.anyio
 
-CONFIG = TierConfig.load(
-    {
-        "tiers": {
-            "simple": [{"provider": "openai", "model": "mini", "relative_cost": 1}],
-            "moderate": [{"provider": "openai", "model": "4o", "relative_cost": 4}],
-            "complex": [{"provider": "anthropic", "model": "opus", "relative_cost": 10}],
-        }
-    }
-)
+CONFIG = TierConfig.load(one_per_tier())
 # The documented recipe: each API key has a highest tier it may use.
 HIGHEST = {"sk-basic": "simple", "sk-team": "moderate", "sk-pro": "complex"}
 

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from _clock import FakeClock
 from asgi_harness import Client, Result, call, http_scope
-from configs import two_per_tier
+from configs import entry, one_tier, two_per_tier
 from control_plane import ControlPlane
 from redis_server import Partition, RedisServer
 from tier_middleware import (
@@ -51,16 +51,9 @@ PROVIDER_ERROR = b'{"error":{"code":"provider_overloaded","message":"try again l
 # Two models per tier, equal weights: a retry always has somewhere to go.
 CONFIG = two_per_tier("faults-1")
 # Three models for the backoff-and-recovery run, so the tier is rarely down all at once.
-WIDE_CONFIG: dict[str, Any] = {
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "haiku", "relative_cost": 1},
-            {"provider": "google", "model": "flash", "relative_cost": 1},
-        ]
-    },
-    "tier_order": ["simple"],
-}
+WIDE_CONFIG = one_tier(
+    entry("openai", "mini"), entry("anthropic", "haiku"), entry("google", "flash")
+)
 PROVIDER_OF = {
     m["model"]: m["provider"]
     for config in (CONFIG, WIDE_CONFIG)
@@ -623,11 +616,7 @@ class Echo:
         await send({"type": "http.response.body", "body": json.dumps({"model": model}).encode()})
 
 
-FALLBACK: dict[str, Any] = {
-    "version": "fallback",
-    "tiers": {"simple": [{"provider": "local", "model": "fallback-mini", "relative_cost": 1}]},
-    "tier_order": ["simple"],
-}
+FALLBACK = one_tier(entry("local", "fallback-mini"), version="fallback")
 V1_SIMPLE = {"gpt-4o-mini", "gemini-flash"}  # control_plane.tier_payload()'s simple tier
 TTL = 600.0
 REFRESH_AT = 0.8 * TTL  # ConfigManager's default refresh_ahead
@@ -986,10 +975,7 @@ async def test_mixed_app_errors_and_disconnects_under_load_count_only_real_failu
 
 def one_model_mw(app: Any, **options: Any) -> tuple[TierRoutingMiddleware, CollectorRegistry]:
     registry = CollectorRegistry()
-    config = {
-        "tiers": {"simple": [{"provider": "openai", "model": "mini", "relative_cost": 1}]},
-        "tier_order": ["simple"],
-    }
+    config = one_tier(entry("openai", "mini"))
     # One model: no request ever gets past a failure, so one failure counts at once here.
     health = HealthTracker(HealthConfig(unconfirmed_threshold=1), clock=FakeClock())
     mw = TierRoutingMiddleware(

@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from asgi_harness import Provider, call
+from configs import entry, one_tier
 from control_plane import ControlPlane
 from redis_server import RedisServer
 from servers import free_port
@@ -603,10 +604,7 @@ async def test_concurrent_requests_share_one_fleet_health_read(
     provider: Any = Provider()  # a raw ASGI app (its annotations are looser than ASGIApp's)
     mw = TierRoutingMiddleware(
         provider,
-        config={
-            "tier_order": ["simple"],
-            "tiers": {"simple": [{"provider": "openai", "model": "mini", "relative_cost": 1}]},
-        },
+        config=one_tier(entry("openai", "mini")),
         routes=[CHAT],
         redis_url=redis_server.url,
         shared_health=True,

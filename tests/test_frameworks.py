@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from _clock import FakeClock
+from configs import entry, real_names
 from tier_middleware import (
     HealthConfig,
     HealthTracker,
@@ -49,20 +50,8 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 CHAT = "/v1/chat/completions"
 ECHO = "/echo"  # not opted in: the middleware must leave it alone
 
-CONFIG: dict[str, Any] = {
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "gpt-4o-mini", "relative_cost": 1},
-            {"provider": "google", "model": "gemini-2.0-flash", "relative_cost": 1},
-        ],
-        # One model: whether it is backed off is visible in whether requests still reach it.
-        "moderate": [{"provider": "openai", "model": "gpt-4o", "relative_cost": 5}],
-        "complex": [
-            {"provider": "anthropic", "model": "claude-opus-4", "relative_cost": 20},
-            {"provider": "openai", "model": "o3", "relative_cost": 30},
-        ],
-    }
-}
+# Moderate has one model: whether it is backed off is visible in whether requests still reach it.
+CONFIG = real_names(more={"complex": [entry("openai", "o3", 30)]})
 FIRST_SIMPLE = {"tier": "simple", "provider": "openai", "model": "gpt-4o-mini"}
 SECOND_SIMPLE = {"tier": "simple", "provider": "google", "model": "gemini-2.0-flash"}
 MESSAGES = [{"role": "user", "content": "Say hi"}]

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from _clock import FakeClock
 from asgi_harness import Provider, call
+from configs import weighted
 from control_plane import ControlPlane, _http, tier_payload
 from tier_middleware import (
     ControlPlaneSource,
@@ -37,17 +38,7 @@ REQUEST_HEADERS = (
     ("api-key", "sk-secret-BBB"),
     ("x-api-key", "sk-secret-CCC"),
 )
-CONFIG = {
-    "version": "log-1",
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "mini", "relative_cost": 1},
-            {"provider": "anthropic", "model": "haiku", "relative_cost": 1},
-        ],
-        "moderate": [{"provider": "openai", "model": "4o", "relative_cost": 4}],
-        "complex": [{"provider": "anthropic", "model": "opus", "relative_cost": 10}],
-    },
-}
+CONFIG = weighted("log-1", haiku_cost=1)
 
 
 def chat(tier: str) -> bytes:
@@ -225,30 +216,11 @@ async def test_no_secret_reaches_any_log_record(
     assert leaks(records) == []
 
 
-async def test_a_header_value_with_a_trailing_newline_is_not_logged(
-    capture: pytest.LogCaptureFixture,
-) -> None:
-    # A key read from a file (`open("key").read()`) ends in a newline.
+async def refresh_with_api_key_header(capture: pytest.LogCaptureFixture, value: str) -> str | None:
+    """One refresh from a control plane, sending `value` as the x-api-key header; asserts that
+    it logged one warning, the failed refresh, and no secret. Returns the refresh's error."""
     async with ControlPlane() as plane:
-        source = ControlPlaneSource(plane.url, headers={"x-api-key": "sk-secret-EEE\n"})
-        mw = middleware(Provider(), source, FakeClock(), fallback=CONFIG)
-        try:
-            await mw.configs.refresh()
-            assert mw.configs.last_error is not None
-        finally:
-            await mw.aclose()
-    ours = [r for r in capture.records if r.name == "tier_middleware" and r.levelno > 20]
-    assert [(r.levelname, r.msg.split(":")[0]) for r in ours] == [
-        ("WARNING", "tier config refresh from %s failed")
-    ]
-    assert leaks(capture.records) == []
-
-
-async def test_a_non_ascii_header_value_is_a_fetch_error_without_the_value(
-    capture: pytest.LogCaptureFixture,
-) -> None:
-    async with ControlPlane() as plane:
-        source = ControlPlaneSource(plane.url, headers={"x-api-key": "sk-secret-EEE\u00e9"})
+        source = ControlPlaneSource(plane.url, headers={"x-api-key": value})
         mw = middleware(Provider(), source, FakeClock(), fallback=CONFIG)
         try:
             await mw.configs.refresh()
@@ -260,6 +232,20 @@ async def test_a_non_ascii_header_value_is_a_fetch_error_without_the_value(
         ("WARNING", "tier config refresh from %s failed")
     ]
     assert leaks(capture.records) == []
+    return error
+
+
+async def test_a_header_value_with_a_trailing_newline_is_not_logged(
+    capture: pytest.LogCaptureFixture,
+) -> None:
+    # A key read from a file (`open("key").read()`) ends in a newline.
+    assert await refresh_with_api_key_header(capture, "sk-secret-EEE\n") is not None
+
+
+async def test_a_non_ascii_header_value_is_a_fetch_error_without_the_value(
+    capture: pytest.LogCaptureFixture,
+) -> None:
+    error = await refresh_with_api_key_header(capture, "sk-secret-EEE\u00e9")
     assert error is not None
     assert "x-api-key" in error
 

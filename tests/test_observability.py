@@ -33,7 +33,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
 from _clock import FakeClock
-from asgi_harness import call
+from asgi_harness import call, read_body
 from samples import Samples, parse, series, total, value
 from tier_middleware import (
     HealthConfig,
@@ -136,12 +136,7 @@ class FakeLLM:
         return self.gate
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         model = json.loads(body)["model"]
         self.calls.append(model)
         if self.gate is not None and not self.gate.is_set():

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from _clock import FakeClock
-from configs import real_names
+from configs import entry, real_names
 from llm_provider import CHAT, FakeProvider, every_model, fails, poison, sdk_app
 from redis_server import RedisServer
 from samples import Samples, scrape, total, value
@@ -28,17 +28,7 @@ from tier_middleware import HealthConfig, HealthTracker
 
 pytestmark = pytest.mark.anyio
 
-CONFIG: dict[str, Any] = {
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "gpt-4o-mini", "relative_cost": 1},
-            {"provider": "google", "model": "gemini-2.0-flash", "relative_cost": 1},
-            {"provider": "mistral", "model": "mistral-small", "relative_cost": 1},
-        ],
-        "moderate": [{"provider": "openai", "model": "gpt-4o", "relative_cost": 5}],
-        "complex": [{"provider": "anthropic", "model": "claude-opus-4", "relative_cost": 20}],
-    }
-}
+CONFIG = real_names(more={"simple": [entry("mistral", "mistral-small")]})
 SIMPLE = ["gpt-4o-mini", "gemini-2.0-flash", "mistral-small"]
 PROVIDER = {"gpt-4o-mini": "openai", "gemini-2.0-flash": "google", "mistral-small": "mistral"}
 VARIANTS = [

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from asgi_harness import call
+from configs import entry, one_tier
 from tier_middleware import HealthConfig, RetryConfig, TierRoutingMiddleware
 from tier_middleware._budget import RetryBudget
 
@@ -17,15 +18,7 @@ pytestmark = pytest.mark.anyio
 
 # "flaky" is drawn first every time (its weight dwarfs the other), fails at once and, with a
 # high threshold, stays in rotation; "slow" answers retries only when the test lets it.
-CONFIG = {
-    "tiers": {
-        "simple": [
-            {"provider": "a", "model": "flaky", "relative_cost": 1, "weight": 1e9},
-            {"provider": "b", "model": "slow", "relative_cost": 1, "weight": 1e-9},
-        ]
-    },
-    "tier_order": ["simple"],
-}
+CONFIG = one_tier(entry("a", "flaky", weight=1e9), entry("b", "slow", weight=1e-9))
 
 
 class App:

@@ -18,20 +18,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from configs import entry, one_tier
 from tier_middleware import RoutePolicy, TierRoutingMiddleware
 
 pytestmark = pytest.mark.anyio
 
-CONFIG = {
-    "tier_order": ["simple"],
-    "tiers": {
-        "simple": [
-            {"provider": "openai", "model": "a", "relative_cost": 1},
-            {"provider": "anthropic", "model": "b", "relative_cost": 1},
-            {"provider": "google", "model": "c", "relative_cost": 1},
-        ]
-    },
-}
+CONFIG = one_tier(entry("openai", "a"), entry("anthropic", "b"), entry("google", "c"))
 
 
 class FirstChoice(random.Random):

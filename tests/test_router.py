@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from _clock import FakeClock
+from configs import entry
 from tier_middleware import (
     HealthConfig,
     HealthTracker,
@@ -21,24 +22,20 @@ from tier_middleware import (
 )
 
 
-def model(provider: str, name: str, cost: int = 1, **fields: Any) -> dict[str, Any]:
-    return {"provider": provider, "model": name, "relative_cost": cost, **fields}
-
-
 def config(simple: list[dict[str, Any]], **extra_tiers: list[dict[str, Any]]) -> TierConfig:
     tiers = {
         "simple": simple,
-        "moderate": [model("openai", "gpt-4o", 5)],
-        "complex": [model("anthropic", "claude-opus", 20)],
+        "moderate": [entry("openai", "gpt-4o", 5)],
+        "complex": [entry("anthropic", "claude-opus", 20)],
         **extra_tiers,
     }
     return TierConfig.load({"tiers": tiers})
 
 
 SIMPLE = [
-    model("openai", "gpt-4o-mini", 1),
-    model("google", "gemini-flash", 2),
-    model("anthropic", "claude-haiku", 4),
+    entry("openai", "gpt-4o-mini", 1),
+    entry("google", "gemini-flash", 2),
+    entry("anthropic", "claude-haiku", 4),
 ]
 
 
@@ -101,7 +98,7 @@ def test_all_models_of_a_tier_get_drawn(health: HealthTracker) -> None:
 
 
 def test_explicit_weight_overrides_cost(health: HealthTracker) -> None:
-    cfg = config([model("openai", "cheap", 1), model("openai", "pricey", 100, weight=50.0)])
+    cfg = config([entry("openai", "cheap", 1), entry("openai", "pricey", 100, weight=50.0)])
     counts = draw_keys(make_router(cfg, health), "simple", 1000)
     assert counts[("openai", "pricey")] > 900
 
@@ -171,7 +168,7 @@ async def test_no_healthy_model_reports_shortest_backoff(
 def test_no_healthy_model_ignores_backoffs_of_other_tiers(
     health: HealthTracker, clock: FakeClock
 ) -> None:
-    router = make_router(config([model("openai", "only")]), health)
+    router = make_router(config([entry("openai", "only")]), health)
     health.record_failure("openai", "gpt-4o")  # moderate tier, 30 s
     health.record_failure("openai", "only", retry_after=200)
     with pytest.raises(NoHealthyModel) as info:
@@ -199,7 +196,7 @@ def test_failure_after_caching_takes_effect_immediately(health: HealthTracker) -
 
 def test_failures_below_threshold_keep_the_model(clock: FakeClock) -> None:
     health = HealthTracker(HealthConfig(failure_threshold=2), clock=clock)
-    router = make_router(config([model("openai", "m")]), health)
+    router = make_router(config([entry("openai", "m")]), health)
     health.record_failure("openai", "m")
     assert router.select_now("simple").key == ("openai", "m")
 
@@ -207,7 +204,7 @@ def test_failures_below_threshold_keep_the_model(clock: FakeClock) -> None:
 def test_expired_backoff_is_selectable_again_without_any_event(
     health: HealthTracker, clock: FakeClock
 ) -> None:
-    cfg = config([model("openai", "a", weight=1000.0), model("openai", "b")])
+    cfg = config([entry("openai", "a", weight=1000.0), entry("openai", "b")])
     router = make_router(cfg, health)
     health.record_failure("openai", "a")
     assert ("openai", "a") not in draw_keys(router, "simple", 200)  # pool cached without "a"
@@ -220,21 +217,28 @@ def test_expired_backoff_is_selectable_again_without_any_event(
 
 
 def test_success_after_caching_restores_the_model(health: HealthTracker) -> None:
-    router = make_router(config([model("openai", "a"), model("openai", "b")]), health)
+    router = make_router(config([entry("openai", "a"), entry("openai", "b")]), health)
     health.record_failure("openai", "a")
     draw_keys(router, "simple", 20)
     health.record_success("openai", "a")
     assert ("openai", "a") in draw_keys(router, "simple", 200)
 
 
+def half_open_a(health: HealthTracker, clock: FakeClock) -> TierRouter:
+    """A router on "a" and "b" where "a" failed once and its 30 s backoff has just run out, so
+    it is half-open. "a" would win almost every draw, so any extra probe would show up."""
+    router = make_router(
+        config([entry("openai", "a", weight=1000.0), entry("openai", "b")]), health
+    )
+    health.record_failure("openai", "a")
+    clock.advance(30)
+    return router
+
+
 def test_half_open_probe_gets_one_request_until_an_outcome(
     health: HealthTracker, clock: FakeClock
 ) -> None:
-    # "a" would win almost every draw, so any extra probe would show up.
-    cfg = config([model("openai", "a", weight=1000.0), model("openai", "b")])
-    router = make_router(cfg, health)
-    health.record_failure("openai", "a")
-    clock.advance(30)
+    router = half_open_a(health, clock)
     assert draw_keys(router, "simple", 300)[("openai", "a")] == 1
     health.release("openai", "a")  # neutral outcome: one more probe allowed
     assert draw_keys(router, "simple", 300)[("openai", "a")] == 1
@@ -243,21 +247,14 @@ def test_half_open_probe_gets_one_request_until_an_outcome(
 
 
 def test_several_half_open_probes(clock: FakeClock) -> None:
-    health = HealthTracker(HealthConfig(half_open_probes=3), clock=clock)
-    cfg = config([model("openai", "a", weight=1000.0), model("openai", "b")])
-    router = make_router(cfg, health)
-    health.record_failure("openai", "a")
-    clock.advance(30)
+    router = half_open_a(HealthTracker(HealthConfig(half_open_probes=3), clock=clock), clock)
     assert draw_keys(router, "simple", 300)[("openai", "a")] == 3
 
 
 def test_lost_probe_is_forgotten_after_probe_timeout(
     health: HealthTracker, clock: FakeClock
 ) -> None:
-    cfg = config([model("openai", "a", weight=1000.0), model("openai", "b")])
-    router = make_router(cfg, health)
-    health.record_failure("openai", "a")
-    clock.advance(30)
+    router = half_open_a(health, clock)
     assert draw_keys(router, "simple", 100)[("openai", "a")] == 1
     clock.advance(59)
     assert ("openai", "a") not in draw_keys(router, "simple", 100)
@@ -266,7 +263,7 @@ def test_lost_probe_is_forgotten_after_probe_timeout(
 
 
 def test_single_model_tier_with_probe_in_flight(health: HealthTracker, clock: FakeClock) -> None:
-    router = make_router(config([model("openai", "only")]), health)
+    router = make_router(config([entry("openai", "only")]), health)
     health.record_failure("openai", "only")
     clock.advance(30)
     assert router.select_now("simple").key == ("openai", "only")
@@ -285,7 +282,7 @@ def test_preferred_provider_wins_even_when_expensive(health: HealthTracker) -> N
 
 
 def test_preferred_provider_with_several_models_draws_among_them(health: HealthTracker) -> None:
-    cfg = config([model("openai", "a", 1), model("openai", "b", 3), model("google", "g", 1)])
+    cfg = config([entry("openai", "a", 1), entry("openai", "b", 3), entry("google", "g", 1)])
     router = make_router(cfg, health)
     counts = draw_keys(router, "simple", 2000, preferred_provider="openai")
     assert set(counts) == {("openai", "a"), ("openai", "b")}
@@ -321,7 +318,7 @@ def test_preferred_provider_pool_follows_health_changes(health: HealthTracker) -
 def test_exclude_distinguishes_providers_serving_the_same_model_name(
     health: HealthTracker,
 ) -> None:
-    router = make_router(config([model("openai", "m"), model("azure", "m")]), health)
+    router = make_router(config([entry("openai", "m"), entry("azure", "m")]), health)
     counts = draw_keys(router, "simple", 300, exclude=[("openai", "m")])
     assert counts == Counter({("azure", "m"): 300})
 
@@ -362,7 +359,7 @@ def test_retry_chain_never_repeats_a_pair(health: HealthTracker) -> None:
 def test_no_healthy_model_with_exclusions_uses_remaining_backoffs(
     health: HealthTracker, clock: FakeClock
 ) -> None:
-    router = make_router(config([model("openai", "a"), model("azure", "a")]), health)
+    router = make_router(config([entry("openai", "a"), entry("azure", "a")]), health)
     health.record_failure("azure", "a", retry_after=100)
     health.record_failure("openai", "a")  # 30 s, but excluded anyway
     with pytest.raises(NoHealthyModel) as info:
@@ -383,7 +380,7 @@ def test_probabilities_follow_inverse_cost(health: HealthTracker) -> None:
 
 
 def test_probabilities_use_weight_override(health: HealthTracker) -> None:
-    cfg = config([model("openai", "a", 1), model("openai", "b", 100, weight=3.0)])
+    cfg = config([entry("openai", "a", 1), entry("openai", "b", 100, weight=3.0)])
     probs = make_router(cfg, health).probabilities("simple")
     assert probs == {("openai", "a"): pytest.approx(0.25), ("openai", "b"): pytest.approx(0.75)}
 
@@ -402,7 +399,7 @@ def test_probabilities_zero_in_backoff_and_back_after(
 
 
 def test_probabilities_all_in_backoff(health: HealthTracker) -> None:
-    router = make_router(config([model("openai", "a"), model("azure", "a")]), health)
+    router = make_router(config([entry("openai", "a"), entry("azure", "a")]), health)
     health.record_failure("openai", "a")
     health.record_failure("azure", "a")
     assert router.probabilities("simple") == {("openai", "a"): 0.0, ("azure", "a"): 0.0}
@@ -423,7 +420,7 @@ class CountingHealth(HealthTracker):
 
 def test_pool_is_cached_until_health_changes(clock: FakeClock) -> None:
     health = CountingHealth(clock)
-    many = [model("openai", f"m{i}") for i in range(50)]
+    many = [entry("openai", f"m{i}") for i in range(50)]
     router = make_router(config(many), health)
     router.select_now("simple")
     assert health.lookups == 50
@@ -469,8 +466,8 @@ async def test_config_swap_changes_tiers_and_keeps_health(
     new = TierConfig.load(
         {
             "tiers": {
-                "fast": [model("openai", "gpt-4o-mini"), model("mistral", "small", 3)],
-                "smart": [model("openai", "gpt-4o")],
+                "fast": [entry("openai", "gpt-4o-mini"), entry("mistral", "small", 3)],
+                "smart": [entry("openai", "gpt-4o")],
             },
             "tierOrder": ["fast", "smart"],
         }
@@ -495,8 +492,8 @@ async def test_config_swap_changes_tiers_and_keeps_health(
 
 
 def test_config_swap_drops_cached_pools(health: HealthTracker) -> None:
-    router = make_router(config([model("openai", "old")]), health)
+    router = make_router(config([entry("openai", "old")]), health)
     assert router.select_now("simple").model == "old"
-    router.config = config([model("openai", "new")])
+    router.config = config([entry("openai", "new")])
     assert router.select_now("simple").model == "new"
     assert router.select_now("simple").config.model == "new"

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from _clock import FakeClock
-from configs import two_per_tier
+from configs import entry, one_tier, two_per_tier
 from tier_middleware import HealthTracker, TierConfig, TierRouter
 from tier_middleware._sessions import decide, session_key, valid_session_id
 from tier_middleware._stores.base import SessionRecord
@@ -64,16 +64,7 @@ async def test_a_higher_tier_upgrades_preferring_the_provider() -> None:
 
 async def test_session_model_in_backoff_moves_within_the_tier_to_the_same_provider() -> None:
     config = TierConfig.load(
-        {
-            "tiers": {
-                "simple": [
-                    {"provider": "openai", "model": "mini", "relative_cost": 1},
-                    {"provider": "openai", "model": "nano", "relative_cost": 1},
-                    {"provider": "anthropic", "model": "haiku", "relative_cost": 1},
-                ]
-            },
-            "tier_order": ["simple"],
-        }
+        one_tier(entry("openai", "mini"), entry("openai", "nano"), entry("anthropic", "haiku"))
     )
     r = TierRouter(config, HealthTracker(clock=FakeClock()), rng=random.Random(3))
     r.health.record_failure("openai", "mini")

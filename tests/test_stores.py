@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,20 +116,14 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         yield Backend("memory", MemoryStore(clock=clock), clock=clock)
         return
     server: RedisServer = request.getfixturevalue("redis_server")
-    store = RedisStore(server.url)
-    try:
+    async with aclosing(RedisStore(server.url)) as store:
         yield Backend("redis", store, server=server)
-    finally:
-        await store.aclose()
 
 
 @pytest.fixture
 async def redis_store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
-    store = RedisStore(redis_server.url)
-    try:
+    async with aclosing(RedisStore(redis_server.url)) as store:
         yield store
-    finally:
-        await store.aclose()
 
 
 # -- sessions (both backends) ----------------------------------------------------------------------
@@ -587,8 +582,10 @@ async def test_redis_config_copy_never_expires(
 @pytest.mark.redis
 async def test_redis_prefixes_keep_deployments_apart(redis_server: RedisServer) -> None:
     cfg = HealthConfig()
-    a, b = RedisStore(redis_server.url, prefix="a:"), RedisStore(redis_server.url, prefix="b:")
-    try:
+    async with (
+        aclosing(RedisStore(redis_server.url, prefix="a:")) as a,
+        aclosing(RedisStore(redis_server.url, prefix="b:")) as b,
+    ):
         await a.put_session("k", REC, 60.0)
         await a.put_config(b"{}", NOW)
         await a.record_failure("p", "m", cfg, None, NOW)
@@ -599,9 +596,6 @@ async def test_redis_prefixes_keep_deployments_apart(redis_server: RedisServer) 
         assert await b.health_snapshot() == {}
         assert await b.try_probe("p", "m", 60.0)
         assert await b.try_lock("l", 60.0)
-    finally:
-        await a.aclose()
-        await b.aclose()
 
 
 @pytest.mark.redis
@@ -653,13 +647,10 @@ async def test_get_session_and_health_is_one_round_trip(
 
 @pytest.mark.redis
 async def test_redis_over_a_unix_socket(redis_server: RedisServer) -> None:
-    store = store_from_url(redis_server.unix_url)
-    try:
+    async with aclosing(store_from_url(redis_server.unix_url)) as store:
         assert isinstance(store, RedisStore)
         await store.put_session("k", REC, 60.0)
         assert await store.get_session("k", 60.0) == REC
-    finally:
-        await store.aclose()
     with redis_server.client() as raw:  # the same server as the TCP URL
         assert raw.get("tier:s:k") == REC.dumps()
 
@@ -708,15 +699,12 @@ async def test_a_silent_server_fails_every_call_fast_with_one_attempt(
 ) -> None:
     """A server that accepts and never answers: each call gives up after one socket timeout.
     redis-py retries reconnect, so exactly one accepted connection per call proves no retry."""
-    store = RedisStore(black_hole.url)
-    try:
+    async with aclosing(RedisStore(black_hole.url)) as store:
         for name, call in _calls(store).items():
             before = black_hole.accepted()
             await _fails_fast(call, RedisTimeoutError)
             assert black_hole.accepted() - before == 1, name
         await _ping_fails_fast(store)
-    finally:
-        await store.aclose()
 
 
 @pytest.mark.redis
@@ -724,9 +712,8 @@ async def test_a_killed_server_fails_fast_and_the_store_recovers_on_restart(
     fresh_redis_server: RedisServer,
 ) -> None:
     server = fresh_redis_server
-    store = RedisStore(server.url)
     cfg = HealthConfig(initial_backoff=10.0, max_backoff=100.0)
-    try:
+    async with aclosing(RedisStore(server.url)) as store:
         await store.put_session("k", REC, 60.0)
         assert await store.record_failure("p", "m", cfg, None, NOW) == (1, NOW + 10.0)
         server.kill()
@@ -745,8 +732,6 @@ async def test_a_killed_server_fails_fast_and_the_store_recovers_on_restart(
         assert token is not None
         await store.unlock("l", token)
         assert await store.try_lock("l", 5.0) is not None
-    finally:
-        await store.aclose()
 
 
 @pytest.mark.redis
@@ -755,8 +740,7 @@ async def test_a_paused_server_fails_within_the_socket_timeout(
 ) -> None:
     """CLIENT PAUSE ... ALL: connected, accepting, and not answering anything for 2 s."""
     server = fresh_redis_server
-    store = RedisStore(server.url, socket_timeout=0.1)
-    try:
+    async with aclosing(RedisStore(server.url, socket_timeout=0.1)) as store:
         await store.put_session("k", REC, 60.0)  # a pooled connection exists
         server.pause(2000)
         await _fails_fast(lambda: store.get_session("k", 60.0), RedisTimeoutError)
@@ -765,8 +749,6 @@ async def test_a_paused_server_fails_within_the_socket_timeout(
             lambda: store.record_failure("p", "m", HealthConfig(), None, NOW), RedisTimeoutError
         )
         await _ping_fails_fast(store)
-    finally:
-        await store.aclose()
 
 
 @pytest.mark.redis
@@ -775,8 +757,7 @@ async def test_a_hung_server_fails_fast_and_the_store_recovers_when_it_resumes(
 ) -> None:
     """SIGSTOP: the kernel still completes connections, the process reads nothing."""
     server = fresh_redis_server
-    store = RedisStore(server.url)
-    try:
+    async with aclosing(RedisStore(server.url)) as store:
         await store.put_session("k", REC, 60.0)
         server.freeze()
         try:
@@ -786,18 +767,13 @@ async def test_a_hung_server_fails_fast_and_the_store_recovers_when_it_resumes(
             server.thaw()
         assert await store.get_session("k", 60.0) == REC  # the same store, answering again
         assert await store.ping() is True
-    finally:
-        await store.aclose()
 
 
 @pytest.mark.redis
 async def test_nothing_listening_fails_fast() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
-    try:
+    async with aclosing(RedisStore(f"redis://127.0.0.1:{free_port()}/0")) as store:
         await _fails_fast(lambda: store.get_session("k", 60.0), RedisConnectionError)
         assert await store.ping() is False
-    finally:
-        await store.aclose()
 
 
 # -- any backend: errors are StoreErrors, wrapped once by the base class ---------------------------
@@ -862,13 +838,10 @@ async def test_store_from_url_picks_the_backend() -> None:
     assert isinstance(memory, MemoryStore)
     assert memory.max_sessions == 7
     for url in ("redis://localhost:6379/0", "rediss://cache.example:6380", "unix:///tmp/r.sock"):
-        store = store_from_url(url, prefix="x:", socket_timeout=0.2)
-        try:
+        async with aclosing(store_from_url(url, prefix="x:", socket_timeout=0.2)) as store:
             assert isinstance(store, RedisStore)
             assert store.name == "redis"
             assert store.prefix == "x:"
-        finally:
-            await store.aclose()
 
 
 @pytest.mark.parametrize(

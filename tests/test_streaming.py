@@ -19,18 +19,13 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from configs import one_per_tier
 from servers import serve
 from tier_middleware import TierRoutingMiddleware
 
 pytestmark = pytest.mark.anyio
 
-CONFIG = {
-    "tiers": {
-        "simple": [{"provider": "openai", "model": "mini", "relative_cost": 1}],
-        "moderate": [{"provider": "openai", "model": "4o", "relative_cost": 4}],
-        "complex": [{"provider": "anthropic", "model": "opus", "relative_cost": 10}],
-    }
-}
+CONFIG = one_per_tier()
 
 
 def sse_app(release: asyncio.Event) -> Callable[..., Any]:
