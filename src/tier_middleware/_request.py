@@ -371,7 +371,7 @@ def _member_tier(payload: Payload, name: str) -> str:
     tier = _known_tiers.get(sent)
     if tier is None:
         tier = clean_tier(payload.value(name), "body")  # raises for what is not a tier
-        if len(_known_tiers) < 1024:
+        if len(_known_tiers) < 1024 and len(sent) <= 2 * MAX_TIER_LENGTH:
             _known_tiers[sent] = tier
     return tier
 
