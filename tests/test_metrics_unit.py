@@ -92,7 +92,7 @@ def test_default_registry_is_the_global_one() -> None:
 def test_constructing_twice_is_what_for_registry_avoids(registry: CollectorRegistry) -> None:
     Metrics.for_registry(registry)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
-        Metrics(registry)
+        Metrics(registry).register()
 
 
 def test_a_failed_registration_is_rolled_back(registry: CollectorRegistry) -> None:
@@ -430,6 +430,7 @@ def samples_of(families: Any, names: set[str]) -> dict[str, list[Any]]:
 def test_exposition_is_that_of_plain_dicts(calls: list[tuple[str, int, int, int, float]]) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
+    metrics.register()
     reference = Reference()
     for call, index, a, b, seconds in calls:
         sel = SELECTIONS[index]

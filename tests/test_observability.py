@@ -1206,7 +1206,9 @@ def test_grafana_dashboard_has_the_panels_and_queries_only_exposed_metrics() -> 
 
     # Every metric any query names is one the middleware exposes (default namespace "llm").
     registry = CollectorRegistry()
-    TierRoutingMiddleware(FakeLLM(), config=CONFIG, routes=[CHAT], registry=registry)
+    mw = TierRoutingMiddleware(FakeLLM(), config=CONFIG, routes=[CHAT], registry=registry)
+    assert generate_latest(registry) == b""  # building one changes no registry ...
+    anyio.run(call, mw, b'{"tier": "simple", "messages": []}')  # ... its first call does
     exposed = exposed_names(generate_latest(registry).decode())
     assert referenced <= exposed  # the variables' metrics
     for title, exprs in expressions.items():

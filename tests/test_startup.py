@@ -237,3 +237,35 @@ async def test_a_fallback_file_that_cannot_be_loaded_fails_startup_too(workdir: 
     [answer] = await lifespan_startup(app)
     assert answer["type"] == "lifespan.startup.failed"
     assert_names_the_place(answer["message"], workdir, "missing")
+
+
+# -- building a middleware changes no global state -----------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_building_registers_nothing_and_the_first_call_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from asgi_harness import Provider, call
+    from configs import two_per_tier
+    from tier_middleware._status import registered_status_sources
+
+    registry = CollectorRegistry()
+    mw = TierRoutingMiddleware(Provider(), config=two_per_tier(), registry=registry)
+    assert generate_latest(registry) == b""
+    assert all(source is not mw for source in registered_status_sources())
+    result = await call(mw, b'{"tier": "simple"}')
+    assert result.status == 200
+    assert b"llm_tier_requests_total" in generate_latest(registry)
+    assert any(source is mw for source in registered_status_sources())
+
+    # A registry that already holds one of our names: logged, and the requests are served.
+    clashing = CollectorRegistry()
+    Counter("llm_tokens", "someone else's", registry=clashing)
+    other = TierRoutingMiddleware(Provider(), config=two_per_tier(), registry=clashing)
+    with caplog.at_level(logging.ERROR, logger="tier_middleware"):
+        assert (await call(other, b'{"tier": "simple"}')).status == 200
+    assert "tier metrics not registered" in caplog.text
+    assert b"llm_tier_requests_total" not in generate_latest(clashing)  # nothing half-registered

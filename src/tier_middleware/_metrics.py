@@ -210,10 +210,15 @@ class Metrics:
 
     @classmethod
     def for_registry(
-        cls, registry: CollectorRegistry | None = None, namespace: str = "llm"
+        cls,
+        registry: CollectorRegistry | None = None,
+        namespace: str = "llm",
+        *,
+        register: bool = True,
     ) -> Metrics:
         """The `Metrics` of `registry` (default: prometheus_client.REGISTRY) and `namespace`,
-        created and registered on the first call, the same object on every later call."""
+        created on the first call, the same object on every later call; put on the registry
+        unless `register` is False (then `register()` does it, when the time comes)."""
         if registry is None:
             registry = REGISTRY
         with cls._instances_lock:
@@ -223,11 +228,14 @@ class Metrics:
             metrics = per_registry.get(namespace)
             if metrics is None:
                 metrics = per_registry[namespace] = cls(registry, namespace)
-            return metrics
+        if register:
+            metrics.register()
+        return metrics
 
     def __init__(self, registry: CollectorRegistry, namespace: str = "llm") -> None:
-        """Registers every series in `registry`; use `for_registry` rather than calling this,
-        which raises "Duplicated timeseries" the second time for the same registry."""
+        """The families, counting from now and shown once `register` has put them on `registry`;
+        use `for_registry` rather than calling this: one set per registry and namespace (a
+        second set's `register` raises "Duplicated timeseries")."""
         self.namespace = namespace
 
         def counters(name: str, documentation: str, *labels: str) -> _Counters:
@@ -333,15 +341,9 @@ class Metrics:
             self.retries_over_budget,
             self.tracing_errors,
         )
-        registered = []
-        try:
-            for collector in collectors:
-                registry.register(collector)
-                registered.append(collector)
-        except BaseException:
-            for collector in registered:
-                registry.unregister(collector)
-            raise
+        self._registry = weakref.ref(registry)  # the per-registry cache must not keep it alive
+        self._collectors = collectors
+        self.registered = False  # `register` puts them on the registry, once
         self._lock = threading.Lock()
         self._config_version: str | None = None
         # The dicts behind the hot-path counters, bound once.
@@ -350,6 +352,25 @@ class Metrics:
         self._failures = self.provider_failures.values
         self._durations = self.request_duration.values
         self._bounds = self.request_duration.bounds
+
+    def register(self) -> None:
+        """Put every family on the registry, once (a middleware does it on its first call,
+        so that building one changes no global state). Raises ValueError, with nothing
+        registered, when the registry already holds a family of one of these names."""
+        with Metrics._instances_lock:
+            registry = self._registry()
+            if self.registered or registry is None:
+                return
+            done = []
+            try:
+                for collector in self._collectors:
+                    registry.register(collector)
+                    done.append(collector)
+            except BaseException:
+                for collector in done:
+                    registry.unregister(collector)
+                raise
+            self.registered = True
 
     # -- recording (hot path) -----------------------------------------------------------------
 

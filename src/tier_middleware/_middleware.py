@@ -113,7 +113,8 @@ class TierRoutingMiddleware:
         self.request_drop_rewritten = self.request_drop | BODY_FRAMING
         self.request_drop_rare = self.request_drop_rewritten - {b"content-length"}
         self.routes = RouteTable(routes)
-        self.metrics = Metrics.for_registry(registry, metrics_namespace)
+        # Registered on the first call: building a middleware changes no global state.
+        self.metrics = Metrics.for_registry(registry, metrics_namespace, register=False)
         # OpenTelemetry (`_tracing.py`): without a provider to record to, a plain Exchange.
         self.tracer_provider = tracer_provider
         self.tracer: Any = None
@@ -221,12 +222,21 @@ class TierRoutingMiddleware:
             if deadlines is not None:
                 await deadlines.aclose()
 
+    def _first_call(self) -> None:
+        """What building the middleware leaves to its first call (lifespan or request): the
+        status page lists it, and its metric families go on the registry."""
+        self.listed = True
+        register_status_source(self)
+        try:
+            self.metrics.register()
+        except ValueError as exc:  # a family of the same name is there already: count anyway
+            logger.error("tier metrics not registered: %s", exc)
+
     # -- ASGI ----------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.listed:
-            self.listed = True
-            register_status_source(self)
+            self._first_call()
         kind = scope["type"]
         if kind != "http":
             if kind == "lifespan":
