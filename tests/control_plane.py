@@ -144,35 +144,35 @@ class ControlPlane:
 
     async def _response(self, method: str, path: str) -> bytes:
         if method != "GET" or path != CONFIG_PATH:
-            return _http(404, b'{"success": false, "error": "not found"}')
+            return http_response(404, b'{"success": false, "error": "not found"}')
         behaviour = self.behaviour
         if behaviour == "slow":
             await asyncio.sleep(self.delay)
         data = copy.deepcopy(self.payload)
         if behaviour == "bare":
-            return _http(200, json.dumps(data).encode())
+            return http_response(200, json.dumps(data).encode())
         if behaviour == "html":
             page = b"<!doctype html><html><body><h1>Please sign in</h1></body></html>"
-            return _http(200, page, "text/html; charset=utf-8")
+            return http_response(200, page, "text/html; charset=utf-8")
         if behaviour == "error500":
-            return _http(500, b'{"success": false, "error": "internal error"}')
+            return http_response(500, b'{"success": false, "error": "internal error"}')
         if behaviour == "failure":
-            return _http(200, b'{"success": false, "error": "tier table is being migrated"}')
+            return http_response(200, b'{"success": false, "error": "tier table is being migrated"}')
         if behaviour == "empty_tiers":
             data["tiers"] = {}
         elif behaviour == "zero_cost":
             data["tiers"]["simple"][0]["relativeCost"] = 0
         body = json.dumps({"success": True, "data": data}).encode()
         if behaviour == "truncated":
-            return _http(200, body, length=len(body))[: -len(body) // 2]
+            return http_response(200, body, length=len(body))[: -len(body) // 2]
         if behaviour == "truncated_json":
-            return _http(200, body[: len(body) // 2])
+            return http_response(200, body[: len(body) // 2])
         if behaviour == "bad_utf8":  # well-formed JSON but for one key that is not UTF-8
-            return _http(200, body.replace(b'"success"', b'"succ\xffess"', 1))
-        return _http(200, body)
+            return http_response(200, body.replace(b'"success"', b'"succ\xffess"', 1))
+        return http_response(200, body)
 
 
-def _http(
+def http_response(
     status: int, body: bytes, content_type: str = "application/json", length: int | None = None
 ) -> bytes:
     reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}[status]

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from _clock import FakeClock
 from asgi_harness import Provider, call
 from configs import weighted
-from control_plane import ControlPlane, _http, tier_payload
+from control_plane import ControlPlane, http_response, tier_payload
 from tier_middleware import (
     ControlPlaneSource,
     HealthConfig,
@@ -91,15 +91,15 @@ class EchoingControlPlane(ControlPlane):
         client_secret = headers.get("x-client-secret", "")
         if self.behaviour == "echo_failure":
             error = f"credentials {auth!r} and {client_secret!r} were rejected"
-            return _http(200, json.dumps({"success": False, "error": error}).encode())
+            return http_response(200, json.dumps({"success": False, "error": error}).encode())
         if self.behaviour == "echo_invalid":
             data = tier_payload("echo")
             data["tiers"]["simple"][0].update({"model": auth, "relativeCost": 0})
             data["tiers"]["simple"][1].update({"provider": client_secret, "relativeCost": "x"})
-            return _http(200, json.dumps({"success": True, "data": data}).encode())
+            return http_response(200, json.dumps({"success": True, "data": data}).encode())
         if self.behaviour == "echo_html":
             page = f"<html><body>token {auth} is not valid here</body></html>".encode()
-            return _http(200, page, "text/html")
+            return http_response(200, page, "text/html")
         return await super()._response(method, path)
 
 

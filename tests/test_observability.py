@@ -15,12 +15,10 @@ import json
 import random
 import re
 import threading
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -42,7 +40,6 @@ from tier_middleware import (
     metrics_app,
     status_app,
 )
-from tier_middleware import _attempt as middleware_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "examples" / "grafana" / "tier-routing.json"
@@ -371,20 +368,15 @@ async def test_failures_and_retries_reconcile_exactly_with_app_calls() -> None:
 
 
 @pytest.mark.anyio
-async def test_duration_is_one_observation_per_attempt_up_to_the_response_start(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    clock = FakeClock(500.0)
-    monkeypatch.setattr(
-        middleware_module, "time", SimpleNamespace(perf_counter=clock, time=time.time)
-    )
+async def test_duration_is_one_observation_per_attempt_up_to_the_response_start() -> None:
+    clock = FakeClock(500.0)  # the health clock: durations are measured on it
     llm = FakeLLM()
     llm.clock = clock
     llm.status["mini"] = 503
     llm.think.update({"mini": 2.5, "flash": 0.07})
     llm.gap = 10.0  # streaming the body afterwards takes long: not part of the duration
     llm.reply(b"application/json", b'{"a": ', b"1, ", b'"b": 2}')
-    async with running(llm, health=NEVER_BACK_OFF) as s:
+    async with running(llm, health=NEVER_BACK_OFF, clock=clock) as s:
         for _ in range(10):
             assert (await s.chat("simple")).status_code == 200
         samples = await s.scrape()

@@ -3,7 +3,6 @@ whether the response goes out or is dropped for a retry, and the verdict on how 
 
 from __future__ import annotations
 
-import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +39,7 @@ class Attempt:
     next: Selection | None = None  # set when this response is dropped for a retry
     dropped = False  # the app's response is not sent (a retry, or our own answer)
     tap: UsageTap | None = None
-    began = 0.0  # on the health clock
-    started_at = 0.0  # perf_counter, for the duration histogram
+    began = 0.0  # on the health clock (monotonic): the in-flight rule and the duration
     # What the provider calls the app made through UpstreamTransport said (see `report`).
     upstream: Verdict | None = None  # the verdict on the last call
     upstream_retry_after: float | None = None
@@ -79,7 +77,6 @@ class Attempt:
     def begin(self) -> None:
         """The app is called now."""
         self.began = self.exchange.mw.health.clock()
-        self.started_at = time.perf_counter()
 
     def fail(self, retry_after: float | None) -> None:
         """A model failure: the exchange holds it until the request's outcome says whose."""
@@ -217,7 +214,7 @@ class Attempt:
         headers = message.get("headers") or ()
         if self.deadline is not None:
             self.deadline.settle()
-        mw.metrics.duration(sel, time.perf_counter() - self.started_at)
+        mw.metrics.duration(sel, mw.health.clock() - self.began)
         if status < 400 and self.upstream is None and self.misconfigured is None:
             self.recorded = True  # a success, by far the most common answer
             if ex.failures is None and not mw.state.shared_health:
