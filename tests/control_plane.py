@@ -157,7 +157,9 @@ class ControlPlane:
         if behaviour == "error500":
             return http_response(500, b'{"success": false, "error": "internal error"}')
         if behaviour == "failure":
-            return http_response(200, b'{"success": false, "error": "tier table is being migrated"}')
+            return http_response(
+                200, b'{"success": false, "error": "tier table is being migrated"}'
+            )
         if behaviour == "empty_tiers":
             data["tiers"] = {}
         elif behaviour == "zero_cost":

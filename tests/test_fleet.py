@@ -607,6 +607,9 @@ async def test_concurrent_requests_share_one_fleet_health_read(
         config=one_tier(entry("openai", "mini")),
         routes=[CHAT],
         redis_url=redis_server.url,
+        # What is counted is reads, not timeouts: 32 first connections opened at once on a busy
+        # machine can take longer than the default 0.1 s, and a timed-out read reads nothing.
+        redis_options={"socket_timeout": 2.0, "connect_timeout": 2.0},
         shared_health=True,
         health_sync_interval=60.0,  # one read of the fleet's health per minute is the contract
     )
