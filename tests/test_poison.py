@@ -238,7 +238,10 @@ async def test_instances_failing_together_step_the_shared_backoff_once(
 ) -> None:
     """Two instances on one Redis with shared health; a burst fails on both at once."""
     cfg = HealthConfig(initial_backoff=1.0, max_backoff=60.0)
-    options = {"redis_url": redis_server.url, "shared_health": True}
+    # The step is counted in Redis: a write timed out on a busy machine (30 at once, default
+    # 0.1 s) would not be there to count, so the timeouts are generous here.
+    redis_options = {"socket_timeout": 2.0, "connect_timeout": 2.0}
+    options = {"redis_url": redis_server.url, "shared_health": True, "redis_options": redis_options}
     provider = FakeProvider()  # one provider behind both: 30 calls in flight, then they fail
     async with (
         stack(health=cfg, config=BURST_CONFIG, seed=1, provider=provider, **options) as a,
