@@ -26,14 +26,6 @@ from typing import Any
 
 Key = tuple[str, str]
 
-# Exception classes (by name, anywhere in the MRO) that mean the provider did not answer in time
-# or could not be reached: openai's and anthropic's APITimeoutError / APIConnectionError, httpx's
-# and httpx2's TimeoutException / TransportError. Builtin TimeoutError (asyncio's too) and
-# ConnectionError are checked by type.
-_UNREACHABLE_NAMES = frozenset(
-    {"APITimeoutError", "APIConnectionError", "TimeoutException", "TransportError"}
-)
-
 
 class Verdict(enum.Enum):
     SUCCESS = "success"
@@ -81,13 +73,6 @@ def judge_exception(
     if verdict is not Verdict.MODEL_FAILURE:
         return verdict, None
     return verdict, _exception_retry_after(exc)
-
-
-def unreachable(exc: BaseException) -> bool:
-    """Whether `exc` says the provider timed out or could not be reached."""
-    if isinstance(exc, TimeoutError | ConnectionError):
-        return True
-    return any(cls.__name__ in _UNREACHABLE_NAMES for cls in type(exc).__mro__)
 
 
 def _exception_retry_after(exc: BaseException) -> float | None:
