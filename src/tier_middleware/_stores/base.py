@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from .._errors import TierMiddlewareError
 from .._health import HealthConfig
 
 # (provider, model) -> (consecutive failures, backoff end as wall-clock seconds, 0.0 if none)
@@ -25,7 +26,7 @@ HealthSnapshot = dict[tuple[str, str], tuple[int, float]]
 R = TypeVar("R")
 
 
-class StoreError(Exception):
+class StoreError(TierMiddlewareError):
     """A backend failed (timeout, connection refused, bad reply); callers fall back in process."""
 
 
