@@ -239,7 +239,7 @@ async def test_a_fallback_file_that_cannot_be_loaded_fails_startup_too(workdir: 
     assert_names_the_place(answer["message"], workdir, "missing")
 
 
-# -- building a middleware changes no global state -----------------------------------------------
+# -- building a middleware registers nothing -----------------------------------------------------
 
 
 @pytest.mark.anyio

@@ -205,7 +205,7 @@ class Metrics:
 
     def register(self) -> None:
         """Put every family on the registry, once (a middleware does it on its first call,
-        so that building one changes no global state). Raises ValueError, with nothing
+        so that building one registers nothing). Raises ValueError, with nothing
         registered, when the registry already holds a family of one of these names."""
         with Metrics._instances_lock:
             registry = self._registry()

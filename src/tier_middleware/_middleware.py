@@ -113,7 +113,7 @@ class TierRoutingMiddleware:
         self.request_drop_rewritten = self.request_drop | BODY_FRAMING
         self.request_drop_rare = self.request_drop_rewritten - {b"content-length"}
         self.routes = RouteTable(routes)
-        # Registered on the first call: building a middleware changes no global state.
+        # Registered on the first call: building a middleware registers nothing.
         self.metrics = Metrics.for_registry(registry, metrics_namespace, register=False)
         # OpenTelemetry (`_tracing.py`): without a provider to record to, a plain Exchange.
         self.tracer_provider = tracer_provider
