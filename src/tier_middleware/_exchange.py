@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import time
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import anyio.to_thread
 
@@ -27,9 +27,6 @@ from ._router import Selection, TierRouter
 from ._sessions import Decision, decide, held_tier, session_key, valid_session_id
 from ._stores import SessionRecord
 from ._types import Headers
-
-if TYPE_CHECKING:
-    pass
 
 CONFIG_RETRY_AFTER = 5.0  # seconds: a config fetch is retried in the background meanwhile
 _unique = itertools.count()  # fingerprints of bodies that were not held: each is distinct
@@ -235,7 +232,7 @@ class Exchange(Request):
                 selection = retry
         finally:
             budget.active -= 1
-            if self.retries:
+            if self.retries:  # most requests hold no retry slot
                 for _ in range(self.retries):
                     budget.done()
             if self.failures is not None:
