@@ -28,8 +28,6 @@ MAX_JSON_BODY = 1 << 20
 MAX_EVENT = 64 << 10
 # Larger counts are not tokens of one response (and lose precision as floats).
 _MAX_TOKENS = 1 << 53
-# Counts with no bit at or above this one are within _MAX_TOKENS: one shift checks two of them.
-_SHORT_BITS = _MAX_TOKENS.bit_length() - 1
 
 _decode = msgspec.json.decode
 
@@ -242,22 +240,11 @@ class JsonUsageTap(UsageTap):
             return None
         try:
             reply = _decode(body)
-            usage = reply.get("usage")  # AttributeError unless the body is an object (a dict)
         except Exception:
             return None
-        self._reply = reply
-        if type(usage) is dict:  # the common OpenAI shape, first (as in `_usage_of`)
-            prompt = usage.get("prompt_tokens")
-            completion = usage.get("completion_tokens")
-            # Both non-negative and short, so within _MAX_TOKENS; _usage_in judges any other.
-            if (
-                type(prompt) is int
-                and type(completion) is int
-                and not (prompt | completion) >> _SHORT_BITS
-            ):
-                self._result = (prompt, completion)
-                return self._result
-        counts = _usage_in(reply)
+        if type(reply) is dict:
+            self._reply = reply
+        counts = _usage_of(reply)
         if counts is not None:
             self._result = (counts[0] or 0, counts[1] or 0)
         return self._result
