@@ -7,7 +7,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from ._attribution import Verdict, judge_exception, judge_status, retry_after_of
-from ._errors import retry_after_headers, service_unavailable
+from ._errors import attempt_timed_out, provider_misconfigured, retry_after_headers
 from ._request import OWN_HEADERS
 from ._router import Selection, TierRouter
 from ._timeouts import Deadline
@@ -125,21 +125,16 @@ class Attempt:
         await self.release()
         if await self._retry(judged=False):
             return
-        message = f"provider {self.selection.provider!r} is not configured correctly on this server"
-        await self._unavailable("provider_misconfigured", message, long=True)
+        mw = self.exchange.mw
+        error = provider_misconfigured(self.selection.provider, mw.retry_after_bounds)
+        await error.send(self.exchange.send, self.selection._headers)
 
     async def answer_timeout(self) -> None:
         """The last attempt timed out: our own 503 (the failure is held like any other)."""
-        if not self.exchange.disconnected:  # else nobody is left to answer
-            message = f"the model did not answer within {self.exchange.mw.attempt_timeout:g} s"
-            await self._unavailable("attempt_timeout", message, long=False)
-
-    async def _unavailable(self, code: str, message: str, *, long: bool) -> None:
-        """Our own 503 for this attempt, with its selection's headers; Retry-After the
-        longest (a misconfiguration) or shortest (a timeout) of `retry_after_bounds`."""
-        bounds = self.exchange.mw.retry_after_bounds
-        error = service_unavailable(code, message, bounds[1] if long else bounds[0], bounds)
-        await error.send(self.exchange.send, self.selection._headers)
+        ex = self.exchange
+        if not ex.disconnected:  # else nobody is left to answer
+            error = attempt_timed_out(ex.mw.attempt_timeout or 0.0, ex.mw.retry_after_bounds)
+            await error.send(ex.send, self.selection._headers)
 
     async def _neutral(self, verdict: Verdict) -> None:
         if verdict is Verdict.CALLER_ERROR and not self.recorded:

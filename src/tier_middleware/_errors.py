@@ -155,3 +155,16 @@ def service_unavailable(
         type="service_unavailable",
         headers=retry_after_headers(retry_after, bounds),
     )
+
+
+def provider_misconfigured(provider: str, bounds: tuple[int, int]) -> RequestError:
+    """The chosen provider's call could not be dispatched (no base URL, no key): Retry-After
+    the longest of `bounds`, for a misconfiguration outlasts any retry."""
+    message = f"provider {provider!r} is not configured correctly on this server"
+    return service_unavailable("provider_misconfigured", message, bounds[1], bounds)
+
+
+def attempt_timed_out(seconds: float, bounds: tuple[int, int]) -> RequestError:
+    """The model did not start its answer in time: Retry-After the shortest of `bounds`."""
+    message = f"the model did not answer within {seconds:g} s"
+    return service_unavailable("attempt_timeout", message, bounds[0], bounds)

@@ -22,11 +22,10 @@ import sys
 from types import ModuleType, TracebackType
 from typing import Any
 
-import msgspec
-
 from ._attempt import Attempt, current_attempt
 from ._attribution import Verdict, parse_retry_after
 from ._config import ProviderConfig
+from ._errors import provider_misconfigured
 from ._payload import TooDeep, parse_object
 
 logger = logging.getLogger("tier_middleware")
@@ -137,16 +136,11 @@ class UpstreamTransport:
             logger.warning(
                 "provider call not dispatched", extra={"provider": provider, "reason": reason}
             )
-        error = {
-            "message": f"provider {provider!r} is not configured correctly on this server",
-            "type": "service_unavailable",
-            "param": None,
-            "code": "provider_misconfigured",
-        }
+        error = provider_misconfigured(provider, attempt.exchange.mw.retry_after_bounds)
         return _library(request).Response(
             503,
             headers={"content-type": "application/json", "x-should-retry": "false"},
-            content=msgspec.json.encode({"error": error}),
+            content=error.body(),
             request=request,
         )
 
