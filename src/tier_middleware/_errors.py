@@ -168,3 +168,18 @@ def attempt_timed_out(seconds: float, bounds: tuple[int, int]) -> RequestError:
     """The model did not start its answer in time: Retry-After the shortest of `bounds`."""
     message = f"the model did not answer within {seconds:g} s"
     return service_unavailable("attempt_timeout", message, bounds[0], bounds)
+
+
+# seconds: a config fetch is retried in the background meanwhile
+CONFIG_RETRY_AFTER = 5.0
+
+
+def config_unavailable(message: str, bounds: tuple[int, int]) -> RequestError:
+    """No tier configuration to route with (none fetched yet, or none could be loaded)."""
+    return service_unavailable("config_unavailable", message, CONFIG_RETRY_AFTER, bounds)
+
+
+def tier_unavailable(tier: str, retry_after: float, bounds: tuple[int, int]) -> RequestError:
+    """No model of `tier` may take a request now: Retry-After says when the first one may."""
+    message = f"all models for tier {tier!r} are temporarily unavailable"
+    return service_unavailable("service_unavailable", message, retry_after, bounds)

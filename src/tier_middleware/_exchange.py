@@ -14,10 +14,11 @@ from ._attempt import Attempt, current_attempt
 from ._errors import (
     NoHealthyModelError,
     RequestError,
+    config_unavailable,
     invalid_session_id,
     invalid_tier,
-    service_unavailable,
     tier_not_allowed,
+    tier_unavailable,
     too_deep,
 )
 from ._health import Key
@@ -28,7 +29,6 @@ from ._sessions import Decision, decide, held_tier, session_key, valid_session_i
 from ._stores import SessionRecord
 from ._types import Headers
 
-CONFIG_RETRY_AFTER = 5.0  # seconds: a config fetch is retried in the background meanwhile
 _unique = itertools.count()  # fingerprints of bodies that were not held: each is distinct
 
 # A failure held until the request's outcome says whose it was: (selection, Retry-After,
@@ -123,11 +123,8 @@ class Exchange(Request):
         if mw.router is None:
             await mw.configs.ready(mw.config_timeout)
             if mw.router is None:
-                raise service_unavailable(
-                    "config_unavailable",
-                    "no tier configuration is available yet",
-                    CONFIG_RETRY_AFTER,
-                    mw.retry_after_bounds,
+                raise config_unavailable(
+                    "no tier configuration is available yet", mw.retry_after_bounds
                 )
         return mw.router
 
@@ -162,12 +159,8 @@ class Exchange(Request):
         tier = self.tier = exc.tier
         mw.metrics.request(tier)
         mw.metrics.unavailable(tier)
-        await service_unavailable(
-            "service_unavailable",
-            f"all models for tier {tier!r} are temporarily unavailable",
-            exc.retry_after,
-            mw.retry_after_bounds,
-        ).send(self.send, [(b"x-tier", tier.encode()), (b"x-tier-attempts", b"0")])
+        error = tier_unavailable(tier, exc.retry_after, mw.retry_after_bounds)
+        await error.send(self.send, [(b"x-tier", tier.encode()), (b"x-tier-attempts", b"0")])
 
     async def _call_app(self, selection: Selection) -> Selection | None:
         """Call the app with `selection`, and again with another model while a failure may be

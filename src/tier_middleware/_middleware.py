@@ -22,8 +22,8 @@ from ._budget import RetryBudget
 from ._config import ConfigError, StaticConfig, TierConfig
 from ._config_manager import ConfigManager, ConfigSource
 from ._control_plane import ControlPlaneSource
-from ._errors import service_unavailable
-from ._exchange import CONFIG_RETRY_AFTER, Exchange
+from ._errors import config_unavailable
+from ._exchange import Exchange
 from ._fleet import Fleet
 from ._health import HealthConfig, HealthTracker
 from ._metrics import Metrics
@@ -279,12 +279,11 @@ class TierRoutingMiddleware:
         if not self._config_error_reported:
             self._config_error_reported = True
             logger.error("tier config unavailable: %s", self.config_error)
-        await service_unavailable(
-            "config_unavailable",
+        error = config_unavailable(
             "the tier configuration could not be loaded; the server log says why",
-            CONFIG_RETRY_AFTER,
             self.retry_after_bounds,
-        ).send(send, close_unread(scope, whole=False))
+        )
+        await error.send(send, close_unread(scope, whole=False))
 
 
 def _is_async_callable(fn: object) -> bool:
