@@ -326,6 +326,8 @@ def body_tiers(
     parsers disagree on which one wins, so the middleware does not pick one for the client."""
     found = []
     members = payload.members
+    if tier_field not in members and model_field not in members:
+        return found  # the tier is in a header, or the request names none
     # A body written compactly with nothing left over names no member twice: most bodies (the
     # SDKs write compact JSON) need no search for a second one.
     compact = payload.compact(body)
