@@ -324,7 +324,7 @@ def body_tiers(
     """(source, tier) for the tier field and a `tier:` model of the body. A member named more
     than once at the top level counts once per occurrence (`conflicting_tier` if they differ):
     parsers disagree on which one wins, so the middleware does not pick one for the client."""
-    found = []
+    found: list[tuple[str, str]] = []
     members = payload.members
     if tier_field not in members and model_field not in members:
         return found  # the tier is in a header, or the request names none
